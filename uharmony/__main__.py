@@ -1,0 +1,3 @@
+from uharmony.cli import main
+
+raise SystemExit(main())
