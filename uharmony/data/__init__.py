@@ -1,0 +1,1 @@
+"""Image I/O (NIfTI, NRRD, MetaImage, DICOM), preprocessing, datalists and synthesis."""
