@@ -23,6 +23,39 @@ from uharmony.model.network import ArchConfig, UHarmonyNet
 from uharmony.model.registry import sha256_file, verify_weights
 
 
+# DynUNet keeps every block twice in its state dict: once by name and once inside its recursive
+# skip-layer chain. The chain's keys are aliases of the same tensors, so packages store the named
+# copy only (safetensors refuses shared tensors) and loading fills the aliases by reference.
+_ALIAS_PREFIX = "backbone.skip_layers."
+
+
+def portable_state_dict(model: UHarmonyNet) -> dict[str, torch.Tensor]:
+    """The model's tensors without DynUNet's aliases, on the CPU in fp32 (buffers keep their dtype)."""
+    return {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
+            for k, v in model.state_dict().items() if not k.startswith(_ALIAS_PREFIX)}
+
+
+def load_portable_state_dict(model: UHarmonyNet, tensors: dict[str, torch.Tensor], where=None) -> None:
+    """Strict loading of a portable state dict: names every missing, extra or mis-shaped tensor."""
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(_ALIAS_PREFIX)}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    shapes = [k for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} tensors of the wrong shape (e.g. {k}: {tuple(tensors[k].shape)} "
+                         f"instead of {tuple(expected[k].shape)})")
+        raise BadModelError("weights do not match the card's architecture: " + ", ".join(parts), where)
+    result = model.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys and all(k.startswith(_ALIAS_PREFIX) for k in result.missing_keys)
+
+
 def save_package(model: UHarmonyNet, card: dict, out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict:
     """Write `model` and its card into `out_dir`; fills in format, architecture and weights.
 
@@ -34,14 +67,14 @@ def save_package(model: UHarmonyNet, card: dict, out_dir: str | os.PathLike, *, 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "uharmony", "card_format": str(CARD_FORMAT)})
+        save_file(portable_state_dict(model), str(staging / WEIGHTS_FILE), metadata={"format": "uharmony", "card_format": str(CARD_FORMAT)})
         card = dict(card)
         card["format"] = CARD_FORMAT
         card["architecture"] = model.config.to_dict()
         card["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(staging / WEIGHTS_FILE)}
         validate_card(card, staging / CARD_FILE)
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        _publish_permissions(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -49,6 +82,15 @@ def save_package(model: UHarmonyNet, card: dict, out_dir: str | os.PathLike, *, 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return card
+
+
+def _publish_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder; a published model is readable like any file (umask applies)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def build_model(card: dict) -> UHarmonyNet:
@@ -72,20 +114,5 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
         model = build_model(card)
     except BadModelError as e:
         raise BadModelError(e.message, model_dir / CARD_FILE) from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    shapes = [k for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
-        if shapes:
-            k = shapes[0]
-            parts.append(f"{len(shapes)} tensors of the wrong shape (e.g. {k}: {tuple(tensors[k].shape)} "
-                         f"instead of {tuple(expected[k].shape)})")
-        raise BadModelError("weights do not match the card's architecture: " + ", ".join(parts), weights)
-    model.load_state_dict(tensors, strict=True)
+    load_portable_state_dict(model, tensors, weights)
     return model.to(device).eval(), card

@@ -188,6 +188,9 @@ def add_model(src: str | os.PathLike, name: str | None = None, *, overwrite: boo
         }
         if record["weights_sha256"] != card["weights"]["sha256"]:
             raise BadModelError("changed while it was being copied", src)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the model folder is not
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(staging, dest)

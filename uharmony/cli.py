@@ -1,0 +1,226 @@
+"""The `uharmony` command line: segment, info, models, devices, demo, bench.
+
+Expected failures print one line ``uharmony: error: <file>: <problem>`` and exit with the code of
+`uharmony.errors.ExitCode`; only bugs print a traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from uharmony import __version__
+from uharmony.errors import EXIT_CODE_HELP, CancelledError, ExitCode, UHarmonyError
+from uharmony.progress import MODES, Reporter
+
+EPILOG = "exit codes: " + ", ".join(f"{int(c)} {h}" for c, h in EXIT_CODE_HELP.items())
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=MODES, default="auto",
+                   help="auto: a bar on a terminal; jsonl: JSON lines on stdout (protocol v1) for programs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uharmony", description=__doc__.splitlines()[0], epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"uharmony {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("segment", help="segment a scan (or a folder of scans with --batch)", epilog=EPILOG,
+                       description="Segment one subject: one image file per input channel of the model (NIfTI, NRRD, "
+                                   "MHA, or a DICOM series folder). The label map comes out on the first input's grid.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file(s) or a DICOM folder; with --batch, one folder")
+    p.add_argument("-o", "--output", required=True, help="label map file (.nii.gz, .nrrd, .mha); with --batch, a folder")
+    p.add_argument("--batch", action="store_true", help="segment every scan in the INPUT folder; go on past bad files")
+    p.add_argument("--model", default=None, help="model folder or name (default: the bundled model)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--domain", default="auto", help="'auto' lets the domain gate decide, or a domain name of the model")
+    p.add_argument("--report", default=None, help="write the JSON report here (with --batch: one per scan, always)")
+    p.add_argument("--preview", default=None, help="write a PNG with three slices and the overlay here")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                   help="refuse inputs that would need more than this (default: the memory available)")
+    _add_progress(p)
+
+    p = sub.add_parser("info", help="print a model's card", epilog=EPILOG)
+    p.add_argument("--model", default=None, help="model folder or name (default: the bundled model)")
+    p.add_argument("--json", action="store_true", help="print the card as JSON")
+
+    p = sub.add_parser("models", help="manage the user's model folder and its trusted hashes", epilog=EPILOG)
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    q = msub.add_parser("list", help="list bundled and user models with their status")
+    q.add_argument("--json", action="store_true")
+    q = msub.add_parser("add", help="validate a model package, copy it into the model folder, record its hash")
+    q.add_argument("folder")
+    q.add_argument("--name", default=None, help="name in the model folder (default: the card's name)")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--json", action="store_true")
+    q = msub.add_parser("remove", help="remove a model from the model folder")
+    q.add_argument("name")
+    msub.add_parser("where", help="print the model folder")
+
+    p = sub.add_parser("devices", help="what compute devices this machine offers")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="segment a fresh synthetic sample with the bundled model", epilog=EPILOG)
+    p.add_argument("--out", default="demo_out", help="folder for the sample, label map, report and picture")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    _add_progress(p)
+
+    p = sub.add_parser("bench", help="benchmarks (results go into docs/benchmarks.md by hand)")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    q = bsub.add_parser("segment", help="time each stage against MONAI's reference pipeline on a ~200^3 volume")
+    q.add_argument("--size", type=int, default=200, help="edge of the synthetic test volume in 1 mm voxels")
+    q.add_argument("--repeats", type=int, default=3)
+    q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    q.add_argument("--model", default=None)
+    q.add_argument("--json", default=None, help="also write the figures as JSON here")
+    q = bsub.add_parser("gate", help="gate accuracy and unfamiliar-input flag on fresh synthetic samples")
+    q.add_argument("--cases", type=int, default=20, help="fresh cases per style")
+    q.add_argument("--model", default=None)
+    q.add_argument("--json", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    reporter = Reporter(getattr(args, "progress", "none"))
+    reporter.claim_stdout()
+    previous = signal.signal(signal.SIGTERM, _raise_cancelled)
+    try:
+        return int(_dispatch(args, reporter))
+    except UHarmonyError as e:
+        return _fail(reporter, e.code, str(e))
+    except KeyboardInterrupt:
+        return _fail(reporter, ExitCode.CANCELLED, "cancelled")
+    except MemoryError:
+        return _fail(reporter, ExitCode.OUT_OF_MEMORY, "ran out of memory")
+    except Exception as e:  # a bug: show everything
+        import traceback
+
+        traceback.print_exc()
+        return _fail(reporter, ExitCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+    finally:
+        reporter.close()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_cancelled(signum, frame):
+    raise CancelledError("cancelled (SIGTERM)")
+
+
+def _fail(reporter: Reporter, code: int, message: str) -> int:
+    reporter.error(int(code), message)
+    print(f"uharmony: error: {message}", file=sys.stderr)
+    return int(code)
+
+
+def _dispatch(args, reporter: Reporter) -> int:
+    if args.command == "segment":
+        return _segment(args, reporter)
+    if args.command == "info":
+        return _info(args)
+    if args.command == "models":
+        return _models(args)
+    if args.command == "devices":
+        from uharmony.device import detect
+
+        found = detect()
+        if args.json:
+            print(json.dumps(found))
+        else:
+            print(f"auto -> {found['auto']}; CUDA: {found['cuda_name'] or 'no'}; MPS: {'yes' if found['mps'] else 'no'};"
+                  f" torch {found['torch']}")
+        return 0
+    if args.command == "demo":
+        from uharmony.demo import run_demo
+
+        return run_demo(Path(args.out), device=args.device, reporter=reporter)
+    if args.command == "bench":
+        if args.bench_command == "segment":
+            from uharmony.bench.segment import run_bench_segment
+
+            return run_bench_segment(size=args.size, repeats=args.repeats, device=args.device, model=args.model,
+                                     json_path=args.json)
+        if args.bench_command == "gate":
+            from uharmony.bench.gate import run_bench_gate
+
+            return run_bench_gate(cases=args.cases, model=args.model, json_path=args.json)
+    raise AssertionError(args)
+
+
+def _segment(args, reporter: Reporter) -> int:
+    from uharmony.infer.segment import Segmenter
+
+    max_memory = None if args.max_memory is None else int(args.max_memory * 2**30)
+    if args.batch:
+        from uharmony.infer.batch import segment_batch
+
+        if len(args.inputs) != 1:
+            raise UHarmonyError("--batch takes exactly one input folder", code=ExitCode.USAGE)
+        return segment_batch(args.inputs[0], args.output, model=args.model, device=args.device, domain=args.domain,
+                             overwrite=args.overwrite, reporter=reporter, max_memory=max_memory)
+    segmenter = Segmenter(args.model, args.device, reporter, max_memory=max_memory)
+    report = segmenter.segment_files(args.inputs, args.output, report_path=args.report, preview_path=args.preview,
+                                     domain=args.domain, overwrite=args.overwrite)
+    reporter.result(report["outputs"], report)
+    if reporter.mode != "jsonl":
+        print(human_summary(report))
+    return 0
+
+
+def human_summary(report: dict) -> str:
+    d = report["domain"]
+    p = d["probabilities"][d["chosen"]]
+    lines = [f"wrote {', '.join(report['outputs'])}",
+             f"domain: {d['chosen']} ({'gate' if d['mode'] == 'auto' else 'given'}, p={p:.3f})"
+             + ("  WARNING: unfamiliar input (unlike every training domain): check the result"
+                if d["unfamiliar"] else ""),
+             "volumes: " + ", ".join(f"{c['name']} {c['volume_ml']:.1f} mL" for c in report["classes"]),
+             f"device {report['device']}, {report['timings_s']['total']:.1f} s"]
+    lines += [f"note: {n}" for n in report.get("notes", [])]
+    return "\n".join(lines)
+
+
+def _info(args) -> int:
+    from uharmony.model.card import card_summary, load_card
+    from uharmony.model.registry import resolve_model
+
+    model_dir = resolve_model(args.model)
+    card = load_card(model_dir)
+    print(json.dumps(card, indent=2) if args.json else f"{model_dir}\n{card_summary(card)}")
+    return 0
+
+
+def _models(args) -> int:
+    from uharmony.model import registry
+
+    if args.models_command == "where":
+        print(registry.user_models_dir())
+    elif args.models_command == "list":
+        entries = registry.list_models()
+        if args.json:
+            print(json.dumps([e.to_dict() for e in entries], indent=2))
+        else:
+            print(f"model folder: {registry.user_models_dir()}")
+            for e in entries:
+                status = "ok" if e.trusted else f"REFUSED: {e.problem}"
+                kind = "bundled" if e.bundled else "user"
+                print(f"  {e.name:<24} {kind:<8} {(e.sha256 or '-')[:12]:<12}  {status}")
+    elif args.models_command == "add":
+        entry = registry.add_model(args.folder, args.name, overwrite=args.overwrite)
+        print(json.dumps(entry.to_dict()) if args.json else f"added {entry.name} ({entry.sha256[:12]}...) to {entry.path}")
+    elif args.models_command == "remove":
+        path = registry.remove_model(args.name)
+        print(f"removed {args.name} ({path})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
