@@ -168,3 +168,27 @@ def summarize_report(report: dict | None) -> ResultSummary:
     if report.get("device"):
         summary.device_text = str(report["device"])
     return summary
+
+
+def domain_choices(card: dict | None) -> list[Choice]:
+    """'Automatic' (the domain gate decides) and each domain of the model, to override it."""
+    choices = [Choice("Automatic (domain gate)", "auto", True,
+                      "The model recognises the kind of scan and picks the matching domain")]
+    for domain in (card or {}).get("domains") or []:
+        name = domain.get("name") if isinstance(domain, dict) else None
+        if not name:
+            continue
+        modality = domain.get("modality")
+        label = f"{name} ({modality})" if modality and modality != name else str(name)
+        choices.append(Choice(label, str(name), True, f"Force the '{name}' domain (skips the gate's choice)"))
+    return choices
+
+
+def channel_names(card: dict | None) -> list[str]:
+    """The model's input channels in order (one input volume each); ['image'] when unknown."""
+    channels = ((card or {}).get("input") or {}).get("channels") or []
+    names = []
+    for index, channel in enumerate(channels):
+        name = channel.get("name") if isinstance(channel, dict) else channel
+        names.append(str(name or f"channel {index + 1}"))
+    return names or ["image"]
