@@ -64,7 +64,7 @@ recognises the kind of scan by itself (domain gate) and warns when the scan is u
 Pick the volume, click <b>Segment</b>. The result is a segmentation with standard names, colours and
 SNOMED CT terminology; the detected domain and the volume of each segment are shown below.
 The computation runs in a separate process (GPU when available) and can be cancelled at any time.
-See <a href="https://github.com/uharmony/uharmony/blob/main/docs/slicer.md">the documentation</a>.
+Documentation: docs/slicer.md in the extension's source repository.
 """
         self.parent.acknowledgementText = """
 U-Harmony normalization and the domain gate follow the U-Harmony paper; GIN augmentation follows
