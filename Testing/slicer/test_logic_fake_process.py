@@ -190,6 +190,7 @@ def test_failure_surfaces_message_and_exit_code_and_adds_nothing(scene, tmp_path
     assert finished == [result]
     assert result.status == "failed" and result.exit_code == 3
     assert "the image is constant" in result.message and "bad input image" in result.message
+    assert result.message.startswith("'scan': the image is constant")  # volume name instead of the temp file
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
     assert os.listdir(tmp_path / "private") == []
     with pytest.raises(SegmentError) as info:

@@ -196,6 +196,7 @@ class SegmentLogic:
             os.mkdir(in_dir, 0o700)
             os.mkdir(out_dir, 0o700)
             inputs, export_notes = self._export_inputs(nodes, in_dir)
+            self._pending["inputs"] = inputs
             self._pending["export_notes"] = export_notes
             self._pending["output"] = os.path.join(out_dir, "segmentation.nrrd")
             self._pending["report"] = os.path.join(out_dir, "report.json")
@@ -320,6 +321,7 @@ class SegmentLogic:
             else:
                 tail = [ln for ln in self._stderr_tail if ln.strip()]
                 message = tail[-1].strip() if tail else ""
+            message = self._with_volume_names(message)
             text = exit_code_text(exit_code)
             message = f"{message} ({text}, exit code {exit_code})" if message else f"Segmentation failed: {text} (exit code {exit_code})"
             return SegmentResult("failed", message, exit_code)
@@ -336,6 +338,15 @@ class SegmentLogic:
         node, warnings = self._import(output, report)
         return SegmentResult("success", "Segmentation finished.", exit_code, node, report,
                              list(self._pending.get("export_notes", [])) + warnings)
+
+    def _with_volume_names(self, message: str) -> str:
+        """The library names the temporary files; the user knows the volumes: say those."""
+        for index, node in enumerate(self._pending.get("nodes") or []):
+            name = f"'{node.GetName()}'"
+            for path in self._pending.get("inputs", [])[index:index + 1]:
+                message = message.replace(path, name)
+            message = message.replace(f"input_{index}.nrrd", name)
+        return message
 
     def _finish(self, result: SegmentResult) -> None:
         task = self._task
