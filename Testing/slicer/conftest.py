@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # Qt-based tests need no display
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.dirname(os.path.abspath(__file__))
 for path in (REPO, os.path.join(REPO, "UHarmonySegment")):

@@ -172,7 +172,9 @@ def test_subprocess_runner_kills_a_process_that_ignores_sigterm():
 
 def test_qt_process_runner_with_pyside6_event_loop():
     QtCore = pytest.importorskip("PySide6.QtCore")
-    app = QtCore.QCoreApplication.instance() or QtCore.QCoreApplication([])
+    QtWidgets = pytest.importorskip("PySide6.QtWidgets")
+    # a QApplication (not a QCoreApplication): the .ui tests in the same session need widgets
+    app = QtCore.QCoreApplication.instance() or QtWidgets.QApplication(["uharmony-test"])
     assert app is not None
     runner = QtProcessRunner(QtCore, grace_period_s=2.0)
     out, err, done = [], [], []

@@ -20,7 +20,7 @@ from .Library import MODULE_DIR
 
 REQUIREMENTS_FILE = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
 PROTECTED_PACKAGES = ("numpy", "SimpleITK")
-TORCH_REQUIREMENT = "torch>=2.1"
+TORCH_REQUIREMENT = "torch>=2.3"
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 

@@ -86,7 +86,7 @@ def show_progress(ui, stage: str, fraction: float) -> None:
 def fit_table_height(table, minimum_rows: int = 3) -> None:
     """Make the table exactly as tall as its rows (no empty band below a short list)."""
     rows = max(_get(table, "rowCount"), minimum_rows)
-    row_height = table.rowHeight(0) if _get(table, "rowCount") else table.verticalHeader().defaultSectionSize()
+    row_height = table.rowHeight(0) if _get(table, "rowCount") else _get(table.verticalHeader(), "defaultSectionSize")
     height = _get(table.horizontalHeader(), "height") + rows * row_height + 2 * _get(table, "frameWidth") + 4
     table.setMinimumHeight(height)
     table.setMaximumHeight(height)
