@@ -292,6 +292,7 @@ def _nifti_header(path: str) -> _Header:
         raise BadInputError(f"is not a NIfTI image (nibabel reads it as {type(img).__name__})", path)
     shape = _check_shape(img.shape, path)
     dtype = _check_dtype(img.get_data_dtype(), path)
+    _check_raw_pixdim(img, path)
     affine = np.array(img.affine, dtype=np.float64)
     # nibabel ignores xyzt_units; ITK (and so Slicer) honours them. Follow ITK so outputs align there.
     unit = img.header.get_xyzt_units()[0]
@@ -301,6 +302,19 @@ def _nifti_header(path: str) -> _Header:
     if path.lower().endswith(".nii"):  # uncompressed: truncation is visible from the file size
         _check_nifti_bytes(img, os.path.getsize(path), path)
     return _Header(shape, affine, dtype, "nifti", img, raw_size)
+
+
+def _check_raw_pixdim(img, path: str) -> None:
+    """nibabel silently replaces a zero voxel size by 1 mm when loading; refuse it instead.
+
+    Only matters when the affine comes from pixdim (no sform): with an sform, pixdim is unused.
+    """
+    with nib.openers.ImageOpener(path) as f:
+        raw = type(img.header).from_fileobj(f, check=False)
+    if int(raw["sform_code"]) == 0:
+        pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+        if not np.all(np.isfinite(pixdim)) or np.any(pixdim == 0):
+            raise BadInputError(f"has an invalid voxel spacing in its header (pixdim {pixdim.tolist()})", path)
 
 
 def _check_nifti_bytes(img, available: int, path: str) -> None:

@@ -22,7 +22,7 @@ from uharmony import __version__
 from uharmony.data.io import Volume, atomic_output, check_output_path, read_header, read_volume, resample_onto
 from uharmony.data.preprocess import from_model_grid, normalize_intensity, plan_grid, to_model_grid
 from uharmony.device import autocast, available_memory_bytes, choose_device, is_out_of_memory
-from uharmony.errors import BadInputError, BadModelError, OutOfMemoryError
+from uharmony.errors import BadInputError, ExitCode, OutOfMemoryError, UHarmonyError
 from uharmony.model.package import load_model
 from uharmony.model.registry import resolve_model
 from uharmony.progress import Reporter
@@ -212,8 +212,8 @@ class Segmenter:
         elif domain in names:
             chosen, mode = domain, "forced"
         else:
-            raise BadModelError(f"--domain {domain!r} is not a domain of this model (it has: {', '.join(names)})",
-                                self.model_dir)
+            raise UHarmonyError(f"--domain {domain!r} is not a domain of this model (it has: {', '.join(names)})",
+                                self.model_dir, code=ExitCode.USAGE)
         return GateResult({n: round(p, 6) for n, p in zip(names, probs)}, chosen, mode, score > threshold,
                           round(score, 4), threshold)
 
@@ -278,5 +278,5 @@ def count_windows(image_size: tuple[int, ...], roi: tuple[int, ...], overlap: fl
     from monai.inferers.utils import _get_scan_interval
 
     padded = tuple(max(s, r) for s, r in zip(image_size, roi))
-    interval = _get_scan_interval(padded, roi, len(roi), overlap)
+    interval = _get_scan_interval(padded, roi, len(roi), (overlap,) * len(roi))
     return len(dense_patch_slices(padded, roi, interval))

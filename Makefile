@@ -1,0 +1,34 @@
+# Set-up and the two everyday commands. Works on a fresh machine with python3 (>= 3.10) and pip.
+#   make demo   creates .venv, installs torch==2.13.0 then the package, segments a fresh sample
+#   make test   creates .venv, installs the package with its test extras, runs the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build. On a CUDA machine pip's
+# default index gives the CUDA build of this same version; set TORCH_INDEX to choose another.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX   ?=
+
+.PHONY: demo test venv clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install -q -e ".[dev,slicer-test]"
+	touch $@
+
+venv: $(VENV)/.base
+
+demo: $(VENV)/.base
+	$(VENV)/bin/uharmony demo --out demo_out
+
+test: $(VENV)/.test
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q Testing
+
+clean:
+	rm -rf $(VENV) demo_out
