@@ -51,13 +51,36 @@ class qMRMLWidget(QtWidgets.QWidget):
 
 
 class qMRMLNodeComboBox(QtWidgets.QComboBox):
-    """Node selector stand-in: keeps the properties the .ui sets so tests can read them back."""
+    """Node selector stand-in: keeps the properties the .ui sets so tests can read them back, and
+    offers the node API the module uses (setMRMLScene, currentNode, setCurrentNode, currentNodeChanged)."""
+
+    currentNodeChanged = QtCore.Signal(object)
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self._node_types: list[str] = []
         self._flags = {"showChildNodeTypes": True, "addEnabled": True, "removeEnabled": True,
                        "noneEnabled": False, "renameEnabled": False, "editEnabled": False}
+        self._scene = None
+        self._current = None
+
+    def setMRMLScene(self, scene):
+        self._scene = scene
+
+    def mrmlScene(self):
+        return self._scene
+
+    def currentNode(self):
+        if self._current is not None and self._scene is not None and not self._scene.IsNodePresent(self._current):
+            self._current = None
+        return self._current
+
+    def setCurrentNode(self, node):
+        self._current = node
+        self.clear()
+        if node is not None:
+            self.addItem(node.GetName())
+        self.currentNodeChanged.emit(node)
 
     def getNodeTypes(self):
         return self._node_types
@@ -84,7 +107,15 @@ class ctkMenuButton(QtWidgets.QPushButton):
 
 
 class qMRMLSegmentationShow3DButton(ctkMenuButton):
-    pass
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._segmentation_node = None
+
+    def setSegmentationNode(self, node):
+        self._segmentation_node = node
+
+    def segmentationNode(self):
+        return self._segmentation_node
 
 
 class ctkPathLineEdit(QtWidgets.QLineEdit):

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, add_volume, ijk_to_ras, library_ready
+from mrml_testing import REPO, add_volume, ijk_to_ras, library_ready
 from mrml_helpers import ras_centroid_from_kji, segment_ras_centroid
 
 slicer = pytest.importorskip("slicer")

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import add_volume, ijk_to_ras, oblique_flipped_matrix, phantom
+from mrml_testing import add_volume, ijk_to_ras, oblique_flipped_matrix, phantom
 from mrml_helpers import ras_centroid_from_kji, segment_ras_centroid, tertile_labels
 
 slicer = pytest.importorskip("slicer")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from mrml_testing import REPO
 
 STUB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cmake_stub")
 

@@ -1,8 +1,8 @@
-"""Fixtures for the Slicer-side tests on slicer-core's real MRML (no Slicer application here).
+"""Helpers of the Slicer-side tests (volumes with chosen geometry, phantoms, library readiness).
 
-slicer-core gives vtkMRMLScene, storage nodes, segmentations and most of slicer/util.py; it lacks
-slicer.app, loadVolume, launchConsoleProcess, ScriptedLoadableModule and parameterNodeWrapper, so
-these tests drive the Qt-free logic (UHarmonySegmentLib) directly.
+A module with its own name, not conftest.py: several conftest.py files exist under Testing/ and only
+one of them can be the importable `conftest`. (This folder is not named `slicer` either: slicer-core's
+`slicer` package adds every `slicer` folder found on sys.path to itself and imports its files.)
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # Qt-based tests need no display
 
@@ -22,15 +21,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 for path in (REPO, os.path.join(REPO, "UHarmonySegment")):
     if path not in sys.path:
         sys.path.insert(0, path)
-
-
-@pytest.fixture
-def scene():
-    slicer = pytest.importorskip("slicer")
-    s = slicer.vtkMRMLScene()
-    slicer.mrmlScene = s
-    yield s
-    s.Clear(True)
 
 
 def oblique_flipped_matrix(spacing=(2.0, 2.2, 2.5), origin=(12.0, -30.0, 8.0)):
@@ -77,12 +67,6 @@ def ijk_to_ras(node):
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-@pytest.fixture
-def fake_environment(tmp_path):
-    """Environment that makes `-m fake_uharmony` importable in the child."""
-    return {"PYTHONPATH": HERE, "FAKE_UHARMONY_PIDFILE": str(tmp_path / "worker.pid")}
 
 
 def library_ready() -> tuple[bool, str]:

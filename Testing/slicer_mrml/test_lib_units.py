@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from mrml_testing import REPO
 from UHarmonySegmentLib import Dependencies, Library
 from UHarmonySegmentLib.JsonLines import SEGMENT_STAGES, ProgressParser, overall_fraction
 from UHarmonySegmentLib.Presentation import device_choices, model_choices, normalise_color, summarize_report
