@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from uharmony.errors import BadModelError, OutputError
 from uharmony.model.card import CARD_FILE, CARD_FORMAT, WEIGHTS_FILE, load_card, validate_card
 from uharmony.model.network import ArchConfig, UHarmonyNet
-from uharmony.model.registry import sha256_file, verify_weights
+from uharmony.model.registry import publish_permissions, sha256_file, verify_weights
 
 
 # DynUNet keeps every block twice in its state dict: once by name and once inside its recursive
@@ -74,7 +74,7 @@ def save_package(model: UHarmonyNet, card: dict, out_dir: str | os.PathLike, *, 
         card["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(staging / WEIGHTS_FILE)}
         validate_card(card, staging / CARD_FILE)
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-        _publish_permissions(staging)
+        publish_permissions(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -82,15 +82,6 @@ def save_package(model: UHarmonyNet, card: dict, out_dir: str | os.PathLike, *, 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return card
-
-
-def _publish_permissions(folder: Path) -> None:
-    """mkdtemp makes a private folder; a published model is readable like any file (umask applies)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
 
 
 def build_model(card: dict) -> UHarmonyNet:

@@ -78,6 +78,15 @@ def verify_weights(model_dir: str | Path, card: dict | None = None) -> str:
     return actual
 
 
+def publish_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder; a published model is readable like any file (umask applies)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
 def _read_trust(root: Path) -> dict:
     path = root / TRUST_FILE
     if not path.exists():
@@ -188,9 +197,7 @@ def add_model(src: str | os.PathLike, name: str | None = None, *, overwrite: boo
         }
         if record["weights_sha256"] != card["weights"]["sha256"]:
             raise BadModelError("changed while it was being copied", src)
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the model folder is not
+        publish_permissions(staging)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(staging, dest)
