@@ -8,7 +8,6 @@ process, ``PythonSlicer -m uharmony segment ... --progress jsonl``.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -151,9 +150,11 @@ class UHarmonySegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateSegmentButton()
 
     def cleanup(self) -> None:
-        if self.logic is not None and self.logic.is_running:
-            self.logic.cancel()
-            self.logic.runner.wait(10)
+        if self.logic is not None:
+            if self.logic.is_running:
+                self.logic.cancel()
+                self.logic.runner.wait(10)
+            self.logic.commands.close_all()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -490,7 +491,8 @@ class UHarmonySegmentTest(ScriptedLoadableModuleTest):
         path = os.path.join(self.tempDir, f"{name}.nii.gz")
         logic = self._logic()
         logic.commands.module = "uharmony.data.synth"
-        logic.commands.call_sync(["--seed", "90001", "--style", "synth-t1", "--spacing", "2", "--out", path], parse_json=False)
+        logic.commands.call_sync(["--seed", "90001", "--style", "synth-t1", "--spacing", "2", "--shape", "64", "72", "64",
+                                  "--out", path], parse_json=False)
         node = slicer.util.loadVolume(path)
         node.SetName(name)
         return node
@@ -503,7 +505,7 @@ class UHarmonySegmentTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Segmenting a synthetic scan")
         volume = self._syntheticVolume()
         logic = self._logic()
-        card = logic.commands.model_info(logic.commands.list_models()[0]["name"])
+        card = logic.commands.call_sync(["info", "--json"])  # the default (bundled) model, as segment uses
         result = logic.segment_sync([volume])
         node = result.segmentation_node
         self.assertTrue(result.succeeded, result.message)

@@ -3,7 +3,6 @@ library location, presentation, dependencies."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -207,6 +206,20 @@ def test_qt_process_runner_with_pyside6_event_loop():
     assert runner.wait(10)
     assert done == [-1]
 
+    # close(): the process is ended, no callback runs, the runner can start again
+    done.clear()
+    out.clear()
+    runner.start([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"])
+    while not out:
+        runner.wait(0.05)
+        app.processEvents(QtCore.QEventLoop.AllEvents, 50)
+    pid = runner.pid
+    runner.close()
+    assert not runner.running and not pid_alive(pid)
+    for _ in range(20):
+        app.processEvents(QtCore.QEventLoop.AllEvents, 10)
+    assert done == []
+
 
 # -- library location and commands ---------------------------------------------------------------
 
@@ -227,9 +240,12 @@ def test_library_root_environment_and_light_imports(monkeypatch, tmp_path):
     (fake / "uharmony" / "__init__.py").write_text("")
     monkeypatch.setenv("UHARMONY_LIBRARY_PATH", str(fake))
     assert Library.find_library_root() == str(fake)
-    env = Library.process_environment(str(fake), base={"PYTHONPATH": os.pathsep.join(["/a", str(fake)])})
-    assert env["PYTHONPATH"].split(os.pathsep) == [str(fake), "/a"]
-    assert env["PYTHONUNBUFFERED"] == "1"
+    env = Library.process_environment(str(fake), base={"PYTHONPATH": os.pathsep.join(["/a", str(fake)]), "KEEP": "1"},
+                                      extra={"PYTHONPATH": "/b", "UHARMONY_MODELS": "/m"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(fake), "/b", "/a"]
+    assert env["PYTHONUNBUFFERED"] == "1" and env["KEEP"] == "1" and env["UHARMONY_MODELS"] == "/m"
+    monkeypatch.setenv("UH_INHERITED", "yes")
+    assert Library.process_environment(None, extra={"X": "1"})["UH_INHERITED"] == "yes"  # ours + extra
     # the parts of the library Slicer's own process imports must not pull torch in
     code = ("import sys, uharmony.errors, uharmony.model.terminology; "
             "bad = [m for m in ('torch', 'monai') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")

@@ -47,6 +47,7 @@ def ready():
 @pytest.fixture
 def env(monkeypatch, tmp_path, ready):
     application()
+    monkeypatch.setenv("UHARMONY_MODELS", str(tmp_path / "user-models"))  # never the developer's own folder
     scene = slicer.vtkMRMLScene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     records = pythonqt_shim.install(monkeypatch, MODULE_DIR, str(tmp_path))
@@ -124,6 +125,8 @@ def test_widget_segment_click_shows_the_result_and_replaces_it(env):
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
     node = scene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
     assert ui.show3DButton._obj.segmentationNode() is node and ui.show3DButton.enabled
+    unfamiliar = node.GetAttribute("UHarmony.Unfamiliar") == "true"
+    assert ui.unfamiliarWarningLabel._obj.isHidden() == (not unfamiliar)
     assert records["setSliceViewerLayers"].calls[-1][1]["background"] is volume
     assert "segment" in ui.logText.plainText  # the process's log reached the Log section
     assert os.listdir(env["private"]) == []
@@ -173,4 +176,32 @@ def test_widget_reports_a_bad_input_with_its_exit_code(env):
     (message,), _ = records["errorDisplay"].calls[-1]
     assert "bad input image" in message and "exit code 3" in message
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    widget.cleanup()
+
+
+def test_widget_add_model_validates_and_lists_it(env, monkeypatch, tmp_path):
+    import shutil
+
+    widget, ui = make_widget(env)
+    qt = sys.modules["qt"]
+    assert ui.modelSelector.count == 1
+    # a folder that is not a model package: refused, with the library's message
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    monkeypatch.setattr(qt.QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(empty)))
+    ui.addModelButton._obj.click()
+    pump(lambda: env["records"]["errorDisplay"].calls)
+    (message,), kwargs = env["records"]["errorDisplay"].calls[-1]
+    assert message.startswith("The model was not added:") and "card.json" in message
+    assert ui.statusLabel.text == "The model was not added."
+    # a copy of the bundled model: validated, recorded, listed
+    copy = tmp_path / "my-model"
+    shutil.copytree(widget._models[0]["path"], copy)
+    monkeypatch.setattr(qt.QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(copy)))
+    widget._models = None
+    ui.addModelButton._obj.click()
+    pump(lambda: widget._models is not None and len(widget._models) == 2)
+    assert ui.modelSelector.count == 2
+    assert ui.statusLabel.text == "Model added to your model folder."
+    assert os.listdir(tmp_path / "user-models")  # it went into the (isolated) user model folder
     widget.cleanup()

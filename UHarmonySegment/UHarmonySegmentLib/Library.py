@@ -86,15 +86,20 @@ def default_python_executable() -> str:
 
 def process_environment(library_root: str | None, base: Mapping[str, str] | None = None,
                         extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: ours, with the library first on PYTHONPATH and unbuffered UTF-8 I/O."""
+    """The child's environment: `base` (default: ours) updated with `extra`, the library first on
+    PYTHONPATH (then `extra`'s PYTHONPATH, then the inherited one), unbuffered UTF-8 I/O."""
     env = dict(os.environ if base is None else base)
-    if library_root:
-        parts = [library_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != library_root]
+    extra = {str(k): str(v) for k, v in (extra or {}).items()}
+    extra_path = extra.pop("PYTHONPATH", "")
+    env.update(extra)
+    parts: list[str] = []
+    for part in [library_root or ""] + extra_path.split(os.pathsep) + env.get("PYTHONPATH", "").split(os.pathsep):
+        if part and part not in parts:
+            parts.append(part)
+    if parts:
         env["PYTHONPATH"] = os.pathsep.join(parts)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
-    if extra:
-        env.update({str(k): str(v) for k, v in extra.items()})
     return env
 
 
@@ -133,7 +138,7 @@ class LibraryCommands:
         self.library_root = library_root or find_library_root()
         self.python_executable = python_executable or default_python_executable()
         self.runner_factory = runner_factory
-        self.environment = process_environment(self.library_root, environment)
+        self.environment = process_environment(self.library_root, extra=environment)
         self.module = module
         self._runners: list[Any] = []
 
@@ -186,6 +191,17 @@ class LibraryCommands:
             self._runners.remove(runner)
             on_done(None, CommandError(None, f"cannot start {self.python_executable}: {exc}"))
         return runner
+
+    def close_all(self) -> None:
+        """End the commands still running, without calling their `on_done` (widget teardown)."""
+        for runner in list(self._runners):
+            runner.on_finished = None
+            close = getattr(runner, "close", None)
+            if close is not None:
+                close()
+            else:
+                runner.stop()
+        self._runners.clear()
 
     # -- the commands -----------------------------------------------------------------------------
     def list_models(self) -> list[dict]:

@@ -128,6 +128,7 @@ class SegmentLogic:
     :param process_runner: a `ProcessRunner` (QtProcessRunner in Slicer, SubprocessRunner in tests).
     :param python_executable: interpreter that runs ``-m uharmony`` (PythonSlicer in Slicer).
     :param temp_root: where private temporary folders are made (default: the system's).
+    :param environment: extra environment variables for the process (on top of this process's own).
     """
 
     def __init__(self, scene, process_runner: ProcessRunner, python_executable: str | None = None,
@@ -138,7 +139,7 @@ class SegmentLogic:
         self.python_executable = python_executable or default_python_executable()
         self.temp_root = temp_root
         self.library_root = library_root or find_library_root()
-        self.environment = process_environment(self.library_root, environment)
+        self.environment = process_environment(self.library_root, extra=environment)
         self.library_module = library_module
         self.create_closed_surface = True
         self.parser = ProgressParser()

@@ -346,13 +346,18 @@ class QtProcessRunner:
             for key, value in env.items():
                 environment.insert(str(key), str(value))
             process.setProcessEnvironment(environment)
-        process.readyReadStandardOutput.connect(lambda: self._read("out"))
-        process.readyReadStandardError.connect(lambda: self._read("err"))
-        process.finished.connect(self._on_process_finished)
-        process.errorOccurred.connect(self._on_process_error)
+        self._generation += 1
+        generation = self._generation
+
+        def current() -> bool:  # events of an older or closed process are ignored
+            return generation == self._generation and self._process is process
+
+        process.readyReadStandardOutput.connect(lambda: current() and self._read("out"))
+        process.readyReadStandardError.connect(lambda: current() and self._read("err"))
+        process.finished.connect(lambda code=None, status=None: current() and self._on_process_finished(code, status))
+        process.errorOccurred.connect(lambda error=None: current() and self._on_process_error(error))
         self._buffers = {"out": b"", "err": b""}
         self._stop_tree = set()
-        self._generation += 1
         self._process = process
         self._running = True
         process.start(str(args[0]), [str(a) for a in args[1:]])
@@ -388,6 +393,25 @@ class QtProcessRunner:
                 break
         return not self._running
 
+    def close(self) -> None:
+        """Forget the process without callbacks, ending it first if it still runs (widget teardown).
+
+        A QProcess destroyed while running kills its child and emits signals from its destructor;
+        closing first keeps those signals away from Python code that is being torn down.
+        """
+        process, was_running = self._process, self._running
+        self._generation += 1  # from now on its signals are ignored
+        self._running = False
+        if process is not None and was_running:
+            pid = self.pid
+            if pid and sys.platform != "win32":
+                signal_pids(descendant_pids(pid) + [pid], signal.SIGKILL)
+            try:
+                process.kill()
+                process.waitForFinished(3000)
+            except RuntimeError:  # the C++ object is already gone
+                pass
+
     # -- internals -----------------------------------------------------------------------------
     def _kill_if_running(self, generation: int) -> None:
         if generation != self._generation or not self._running:
@@ -403,7 +427,10 @@ class QtProcessRunner:
         process = self._process
         if process is None:
             return
-        data = process.readAllStandardOutput() if kind == "out" else process.readAllStandardError()
+        try:
+            data = process.readAllStandardOutput() if kind == "out" else process.readAllStandardError()
+        except RuntimeError:  # the QProcess was destroyed (application exit)
+            return
         chunk = data.data() if hasattr(data, "data") else bytes(data)
         if isinstance(chunk, str):
             chunk = chunk.encode("utf-8")
