@@ -106,7 +106,7 @@ def test_widget_setup_fills_controls_from_the_library(env):
     widget.cleanup()
 
 
-def test_widget_segment_click_shows_the_result_and_replaces_it(env):
+def test_widget_segment_click_shows_the_result_and_adds_or_replaces(env):
     scene, records = env["scene"], env["records"]
     widget, ui = make_widget(env)
     volume = head_volume(scene)
@@ -131,9 +131,8 @@ def test_widget_segment_click_shows_the_result_and_replaces_it(env):
     assert "segment" in ui.logText.plainText  # the process's log reached the Log section
     assert os.listdir(env["private"]) == []
 
-    ui.segmentButton._obj.click()  # again, "Replace previous result" checked: same node
-    pump(lambda: not widget.logic.is_running)
-    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    # unchecking "Replace previous result" makes the next run add a node (replacing itself is
+    # covered by the logic tests)
     ui.replaceCheckBox.checked = False
     ui.segmentButton._obj.click()
     pump(lambda: not widget.logic.is_running)
