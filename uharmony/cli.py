@@ -1,4 +1,4 @@
-"""The `uharmony` command line: segment, info, models, devices, demo, bench.
+"""The `uharmony` command line: segment, info, models, devices, demo, bench, train, adapt.
 
 Expected failures print one line ``uharmony: error: <file>: <problem>`` and exit with the code of
 `uharmony.errors.ExitCode`; only bugs print a traceback (exit 1).
@@ -82,6 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cases", type=int, default=20, help="fresh cases per style")
     q.add_argument("--model", default=None)
     q.add_argument("--json", default=None)
+
+    p = sub.add_parser("train", help="train a model jointly on several datalists (see docs/training.md)", epilog=EPILOG,
+                       description="Train one U-Harmony model on one or more MSD-style datalists (dataset.json); "
+                                   "writes a model package that `uharmony segment` uses.")
+    p.add_argument("--data", nargs="+", required=True, metavar="DATASET_JSON", help="datalists, one per dataset")
+    p.add_argument("--out", required=True, help="the model package folder to write")
+    p.add_argument("--config", default=None, help="training config (.toml or .json); unknown keys are errors")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoint/")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and a stale checkpoint) if it exists")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"), help="overrides the config's device")
+    _add_progress(p)
+
+    p = sub.add_parser("adapt", help="adapt a model to a new domain (modality) or new classes", epilog=EPILOG,
+                       description="Adapt a model package to new data: a domain it lacks becomes a new domain, classes "
+                                   "it lacks become new output channels; --keep datalists are replayed.")
+    p.add_argument("--model", required=True, help="the base model (folder or name)")
+    p.add_argument("--data", nargs="+", required=True, metavar="DATASET_JSON", help="datalists of the new data")
+    p.add_argument("--keep", nargs="*", default=[], metavar="DATASET_JSON",
+                   help="datalists of the old domains to replay and to evaluate with --domain auto")
+    p.add_argument("--out", required=True, help="the adapted model package folder to write")
+    p.add_argument("--config", default=None, help="adaptation config (.toml or .json); unknown keys are errors")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoint/")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and a stale checkpoint) if it exists")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"), help="overrides the config's device")
+    _add_progress(p)
     return parser
 
 
@@ -140,6 +165,8 @@ def _dispatch(args, reporter: Reporter) -> int:
         from uharmony.demo import run_demo
 
         return run_demo(Path(args.out), device=args.device, reporter=reporter)
+    if args.command in ("train", "adapt"):
+        return _train(args, reporter)
     if args.command == "bench":
         if args.bench_command == "segment":
             from uharmony.bench.segment import run_bench_segment
@@ -170,6 +197,25 @@ def _segment(args, reporter: Reporter) -> int:
     reporter.result(report["outputs"], report)
     if reporter.mode != "jsonl":
         print(human_summary(report))
+    return 0
+
+
+def _train(args, reporter: Reporter) -> int:
+    argv = sys.argv[1:]
+    if args.command == "train":
+        from uharmony.train.trainer import run_train
+
+        card = run_train(args.data, args.out, args.config, resume=args.resume, overwrite=args.overwrite,
+                         device=args.device, reporter=reporter, argv=argv)
+    else:
+        from uharmony.train.adapt import run_adapt
+
+        card = run_adapt(args.model, args.data, args.keep, args.out, args.config, resume=args.resume,
+                         overwrite=args.overwrite, device=args.device, reporter=reporter, argv=argv)
+    reporter.result([args.out], {"card": card})
+    if reporter.mode != "jsonl":
+        print(f"wrote {args.out} ({', '.join(d['name'] for d in card['domains'])}; "
+              f"{', '.join(c['name'] for c in card['classes'][1:])})")
     return 0
 
 

@@ -140,6 +140,28 @@ class UHarmonyNet(nn.Module):
         self.gate.add_domain(name, like)
         self.config.domains.append(name)
 
+    def add_classes(self, n: int, *, init_std: float = 1e-3, bias_offset: float = 4.0,
+                    generator: torch.Generator | None = None) -> None:
+        """Append `n` output channels to every domain's head; existing channels are unchanged.
+
+        New weights are N(0, init_std); new biases start `bias_offset` below the head's smallest
+        existing bias, so the new classes take little probability until they are trained and the
+        old classes' predictions barely move.
+        """
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        old = self.config.num_classes
+        for name, head in list(self.heads.items()):
+            new = nn.Conv3d(head.in_channels, old + n, 1).to(head.weight.device, head.weight.dtype)
+            with torch.no_grad():
+                new.weight[:old] = head.weight
+                new.bias[:old] = head.bias
+                fresh = torch.randn((n, *head.weight.shape[1:]), generator=generator, dtype=torch.float32)
+                new.weight[old:] = (fresh * init_std).to(new.weight)
+                new.bias[old:] = head.bias.min() - bias_offset
+            self.heads[name] = new
+        self.config.num_classes = old + n
+
 
 def polynomial_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of squares of every domain's polynomial gammas (k >= 2): the weight decay on them."""

@@ -1,0 +1,284 @@
+"""Training and adaptation configs (``uharmony train|adapt --config FILE``): TOML or JSON.
+
+Every key has a default; a file only names what it changes. Unknown keys, wrong types and
+out-of-range values are refused before anything is loaded, one line naming the key (exit 2).
+The key table with defaults and meanings is in ``docs/training.md`` and in each field's comment
+below (``CONFIG_DOC`` holds the same text for programs).
+
+A TOML example::
+
+    method = "uharmony"
+    steps = 2000
+    patch_size = [64, 64, 64]
+    [augment]
+    gin = true
+    gin_p = 0.5
+    [model]
+    filters = [16, 32, 64, 128]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from uharmony.errors import ExitCode, UHarmonyError
+
+METHODS = ("uharmony", "joint", "separate", "oracle")
+
+
+@dataclass
+class AugmentConfig:
+    gin: bool = True  # GIN random-convolution intensity augmentation of the network's input
+    gin_p: float = 0.5  # probability that a sample of a batch is augmented (GIN and IPA)
+    ipa: bool = False  # IPA: two GIN views blended by a smooth mask + KL consistency (doubles the cost)
+    ipa_weight: float = 0.3  # weight of the KL consistency loss between the two IPA views
+
+
+@dataclass
+class ModelConfig:
+    filters: list[int] = field(default_factory=lambda: [8, 16, 32, 64])  # DynUNet channels per level
+    strides: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # DynUNet strides per level (first is 1)
+    harmony_levels: int = 2  # L: levels (encoder + matching decoder) with U-Harmony normalisation
+    poly_degree: int = 3  # K: linear term plus Hermite terms He_2..He_K in stage 2
+    clamp: float = 4.0  # stage-2 polynomials see the standardised input clamped to +-clamp
+
+
+@dataclass
+class GateConfig:
+    input_size: list[int] = field(default_factory=lambda: [32, 32, 32])  # the gate's low-resolution view
+    filters: list[int] = field(default_factory=lambda: [16, 32, 64])  # gate CNN channels
+    weight: float = 0.5  # weight of the gate's cross-entropy in the total loss
+
+
+@dataclass
+class TrainConfig:
+    method: str = "uharmony"  # uharmony, joint, separate or oracle (see "Methods")
+    steps: int = 2000  # optimiser steps
+    batch_size: int = 2  # patches per step (domains drawn uniformly, then a case of that domain)
+    patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])  # training patch, voxels (also the inference window)
+    spacing_mm: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])  # model grid spacing
+    fg_prob: float = 0.67  # probability that a patch is centred on a foreground voxel
+    lr: float = 3e-3  # peak learning rate (AdamW; linear warm-up over 5% of the steps, then poly decay 0.9)
+    weight_decay: float = 1e-5  # AdamW weight decay on conv/linear weights (not on norms, U-Harmony or biases)
+    poly_weight_decay: float = 1e-4  # weight of polynomial_penalty: sum of squares of every gamma_k, k >= 2
+    seed: int = 0  # every step's randomness is a function of (seed, step)
+    val_every: int = 200  # validate every this many steps (0: only at the end)
+    val_cases: int = 8  # at most this many validation cases per domain in each validation
+    checkpoint_every: int = 100  # write a checkpoint every this many steps (0: never)
+    device: str = "auto"  # auto, cpu, cuda or mps (--device overrides it)
+    amp: bool = True  # fp16 autocast + grad scaling on CUDA only (U-Harmony layers stay fp32)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Defaults that differ for `uharmony adapt` (fewer steps, a gentler learning rate).
+ADAPT_DEFAULTS = {"steps": 300, "lr": 1e-3, "val_every": 0, "checkpoint_every": 50}
+# Keys an adaptation takes from the base model; setting them in an adapt config is an error.
+FIXED_BY_BASE = ("method", "spacing_mm", "model.filters", "model.strides", "model.harmony_levels",
+                 "model.poly_degree", "model.clamp", "gate.input_size", "gate.filters")
+# Keys that do not change the trained weights, so --resume accepts a change of them.
+RESUME_FREE = ("device", "val_every", "val_cases", "checkpoint_every")
+
+
+def _sections() -> dict[str, type]:
+    return {"augment": AugmentConfig, "model": ModelConfig, "gate": GateConfig}
+
+
+def _fail(msg: str, where) -> None:
+    raise UHarmonyError(msg, where, code=ExitCode.USAGE)
+
+
+def _check_type(value: Any, hint, key: str, where) -> Any:
+    text = str(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(f"key {key!r} must be true or false, not {value!r}", where)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(f"key {key!r} must be an integer, not {value!r}", where)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(f"key {key!r} must be a number, not {value!r}", where)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            _fail(f"key {key!r} must be a string, not {value!r}", where)
+        return value
+    if text.startswith("list["):
+        inner = hint.__args__[0]
+        if not isinstance(value, list) or not value:
+            _fail(f"key {key!r} must be a non-empty list, not {value!r}", where)
+        return [_check_type(v, inner, key, where) for v in value]
+    raise AssertionError(hint)  # pragma: no cover
+
+
+def _fill(cls, values: dict, prefix: str, where, given: set[str]):
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    obj = cls()
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(n for n in names)
+            _fail(f"unknown key {full!r} (known{' in [' + prefix[:-1] + ']' if prefix else ''}: {known})", where)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                _fail(f"key {full!r} must be a table/object of settings, not {value!r}", where)
+            setattr(obj, key, _fill(hint, value, full + ".", where, given))
+        else:
+            setattr(obj, key, _check_type(value, hint, full, where))
+            given.add(full)
+    return obj
+
+
+def _validate(c: TrainConfig, where) -> None:
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            _fail(f"key {key!r} {what}", where)
+
+    need(c.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, not {c.method!r}")
+    need(c.steps >= 1, "steps", "must be >= 1")
+    need(c.batch_size >= 1, "batch_size", "must be >= 1")
+    need(len(c.patch_size) == 3 and all(s >= 4 for s in c.patch_size), "patch_size", "must be 3 sizes >= 4")
+    need(len(c.spacing_mm) == 3 and all(0.05 <= s <= 20 for s in c.spacing_mm), "spacing_mm",
+         "must be 3 spacings between 0.05 and 20 mm")
+    need(0.0 <= c.fg_prob <= 1.0, "fg_prob", "must be in [0, 1]")
+    need(c.lr > 0, "lr", "must be > 0")
+    need(c.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(c.poly_weight_decay >= 0, "poly_weight_decay", "must be >= 0")
+    need(c.seed >= 0, "seed", "must be >= 0")
+    need(c.val_every >= 0, "val_every", "must be >= 0")
+    need(c.val_cases >= 1, "val_cases", "must be >= 1")
+    need(c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+    need(c.device in ("auto", "cpu", "cuda", "mps"), "device", "must be auto, cpu, cuda or mps")
+    need(0.0 <= c.augment.gin_p <= 1.0, "augment.gin_p", "must be in [0, 1]")
+    need(c.augment.ipa_weight >= 0, "augment.ipa_weight", "must be >= 0")
+    m = c.model
+    need(len(m.filters) == len(m.strides) >= 2, "model.filters",
+         f"must have as many entries as model.strides (>= 2); got {len(m.filters)} and {len(m.strides)}")
+    need(all(f >= 1 for f in m.filters), "model.filters", "must be positive")
+    need(m.strides[0] == 1 and all(s in (1, 2) for s in m.strides), "model.strides", "must be 1 or 2, the first 1")
+    need(0 <= m.harmony_levels <= len(m.strides), "model.harmony_levels", f"must be in 0..{len(m.strides)}")
+    need(m.poly_degree >= 1, "model.poly_degree", "must be >= 1")
+    need(m.clamp > 0, "model.clamp", "must be > 0")
+    factor = 1
+    for s in m.strides:
+        factor *= s
+    need(all(p % factor == 0 for p in c.patch_size), "patch_size",
+         f"must be divisible by the network's total stride {factor}")
+    need(len(c.gate.input_size) == 3 and all(s >= 4 for s in c.gate.input_size), "gate.input_size",
+         "must be 3 sizes >= 4")
+    need(len(c.gate.filters) >= 2 and all(f >= 1 for f in c.gate.filters), "gate.filters",
+         "must be >= 2 positive channel counts")
+    need(c.gate.weight >= 0, "gate.weight", "must be >= 0")
+
+
+def load_config(path: str | Path | None, *, kind: str = "train", overrides: dict | None = None
+                ) -> tuple[TrainConfig, set[str]]:
+    """Read and check a config file (None: all defaults). Returns the config and the keys the file set.
+
+    ``kind="adapt"`` starts from `ADAPT_DEFAULTS` and refuses the keys in `FIXED_BY_BASE`.
+    """
+    values: dict = {}
+    where = None
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            _fail("config file does not exist", where)
+        except OSError as e:
+            _fail(f"config file cannot be read ({e.strerror or e})", where)
+        if p.suffix.lower() == ".json":
+            try:
+                values = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                _fail(f"is not valid JSON ({e})", where)
+        else:
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                _fail("TOML configs need Python >= 3.11; write the config as .json", where)
+            try:
+                values = tomllib.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+                _fail(f"is not valid TOML ({e})", where)
+        if not isinstance(values, dict):
+            _fail("a config must be a table/object of settings", where)
+    given: set[str] = set()
+    config = _fill(TrainConfig, values, "", where, given)
+    if kind == "adapt":
+        bad = sorted(k for k in given if k in FIXED_BY_BASE)
+        if bad:
+            _fail(f"key {bad[0]!r} is fixed by the base model in an adaptation (remove it)", where)
+        for k, v in ADAPT_DEFAULTS.items():
+            if k not in given:
+                setattr(config, k, v)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            setattr(config, k, v)
+            given.add(k)
+    _validate(config, where)
+    return config, given
+
+
+def config_hash(config: TrainConfig, extra: dict | None = None) -> str:
+    """What a checkpoint must match to be resumed: the config without `RESUME_FREE` keys, plus `extra`."""
+    d = config.to_dict()
+    for k in RESUME_FREE:
+        d.pop(k, None)
+    blob = json.dumps({"config": d, "extra": extra or {}}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _doc_rows() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) for every key, from the dataclasses and their source comments."""
+    import inspect
+
+    rows = []
+
+    def walk(cls, prefix):
+        src = inspect.getsource(cls).splitlines()
+        comments = {}
+        for line in src:
+            s = line.strip()
+            if ":" in s and "#" in s and not s.startswith("#"):
+                comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
+        obj = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.")
+            else:
+                rows.append((prefix + f.name, json.dumps(value), comments.get(f.name, "")))
+
+    walk(TrainConfig, "")
+    return rows
+
+
+def config_table_markdown() -> str:
+    """The key table of docs/training.md (a test keeps the two equal)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, meaning in _doc_rows():
+        adapt = ADAPT_DEFAULTS.get(key)
+        if adapt is not None:
+            default += f" (adapt: {json.dumps(adapt)})"
+        if key in FIXED_BY_BASE:
+            meaning += " (adapt: taken from the base model)"
+        if key == "patch_size":
+            meaning += " (adapt: the base model's unless set)"
+        lines.append(f"| `{key}` | `{default}` | {meaning} |")
+    return "\n".join(lines)
