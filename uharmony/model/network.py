@@ -144,20 +144,22 @@ class UHarmonyNet(nn.Module):
                     generator: torch.Generator | None = None) -> None:
         """Append `n` output channels to every domain's head; existing channels are unchanged.
 
-        New weights are N(0, init_std); new biases start `bias_offset` below the head's smallest
+        New weights are N(0, init_std), the same in every head; new biases start `bias_offset` below the head's smallest
         existing bias, so the new classes take little probability until they are trained and the
         old classes' predictions barely move.
         """
         if n < 1:
             raise ValueError("n must be >= 1")
         old = self.config.num_classes
+        first = next(iter(self.heads.values()))
+        # One draw shared by every head, so a domain that is a copy of another stays an exact copy.
+        fresh = torch.randn((n, *first.weight.shape[1:]), generator=generator, dtype=torch.float32) * init_std
         for name, head in list(self.heads.items()):
             new = nn.Conv3d(head.in_channels, old + n, 1).to(head.weight.device, head.weight.dtype)
             with torch.no_grad():
                 new.weight[:old] = head.weight
                 new.bias[:old] = head.bias
-                fresh = torch.randn((n, *head.weight.shape[1:]), generator=generator, dtype=torch.float32)
-                new.weight[old:] = (fresh * init_std).to(new.weight)
+                new.weight[old:] = fresh.to(new.weight)
                 new.bias[old:] = head.bias.min() - bias_offset
             self.heads[name] = new
         self.config.num_classes = old + n

@@ -1,0 +1,174 @@
+"""`uharmony adapt`: a new domain copied from the closest one, new classes as new output channels that
+leave the old outputs unchanged, replay, before/after evaluation, and refusals before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from uharmony.errors import ExitCode
+from uharmony.model.network import ArchConfig, UHarmonyNet
+from uharmony.train.data import Prepared, write_synth_datalist
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*args, timeout=180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "uharmony", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def tiny_net(domains=("dom-a", "dom-b"), classes=4) -> UHarmonyNet:
+    torch.manual_seed(0)
+    return UHarmonyNet(ArchConfig(num_classes=classes, domains=list(domains), filters=[4, 8, 16], strides=[1, 2, 2],
+                                  gate_filters=[4, 8, 8], gate_input_size=[16, 16, 16]))
+
+
+def test_add_classes_keeps_existing_outputs_and_starts_small():
+    net = tiny_net().eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        before = {d: net(x, d) for d in net.domains}
+    old_heads = {d: (h.weight.clone(), h.bias.clone()) for d, h in net.heads.items()}
+    net.add_classes(2, generator=torch.Generator().manual_seed(1))
+    assert net.config.num_classes == 6
+    with torch.no_grad():
+        for d in net.domains:
+            after = net(x, d)
+            assert after.shape == (2, 6, 16, 16, 16)
+            torch.testing.assert_close(after[:, :4], before[d], rtol=0, atol=1e-6)
+            assert torch.equal(net.heads[d].weight[:4], old_heads[d][0])
+            assert torch.equal(net.heads[d].bias[:4], old_heads[d][1])
+            # new classes take little probability at first
+            assert float(torch.softmax(after, 1)[:, 4:].max()) < 0.05
+    # the state dict keeps the same keys (a package of the result loads with num_classes = 6)
+    assert set(net.state_dict()) == set(tiny_net(classes=6).state_dict())
+
+
+def _item(domain: str, seed: int) -> Prepared:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(1, 16, 16, 16, generator=g)
+    return Prepared(image=image, labels=None, small=image.clone(), domain=domain, dataset="x", annotated=[1],
+                    source="none")
+
+
+def test_new_domain_starts_as_a_copy_of_the_closest_and_has_a_gate_output():
+    from uharmony.model.harmony import HarmonyNorm
+    from uharmony.train.adapt import expand_model
+
+    net = tiny_net()
+    with torch.no_grad():  # make the gate favour dom-b on anything, and make the domains differ
+        net.gate.classifier["dom-b"].bias.fill_(5.0)
+        for layer in net.harmony_layers():
+            layer.harmony["dom-b"].gamma.add_(0.1 * torch.randn_like(layer.harmony["dom-b"].gamma))
+            layer.harmony["dom-b"].beta.add_(0.3)
+        net.heads["dom-b"].bias.add_(1.0)
+    added = expand_model(net, {"new-mod": [_item("new-mod", s) for s in range(3)]}, 1, seed=0)
+    assert added["new-mod"]["like"] == "dom-b"
+    assert added["new-mod"]["gate_mean_probabilities"]["dom-b"] > 0.9
+    assert net.domains == ["dom-a", "dom-b", "new-mod"]
+    layers = [m for m in net.modules() if isinstance(m, HarmonyNorm)]
+    assert layers
+    for layer in layers:
+        assert torch.equal(layer.harmony["new-mod"].gamma, layer.harmony["dom-b"].gamma)
+        assert torch.equal(layer.harmony["new-mod"].beta, layer.harmony["dom-b"].beta)
+        assert not torch.equal(layer.harmony["new-mod"].beta, layer.harmony["dom-a"].beta)
+    assert torch.equal(net.heads["new-mod"].weight, net.heads["dom-b"].weight)  # copied, then one class added to both
+    assert net.heads["new-mod"].weight.shape[0] == 5
+    assert torch.equal(net.gate.classifier["new-mod"].weight, net.gate.classifier["dom-b"].weight)
+    logits, _ = net.gate(torch.randn(2, 1, 16, 16, 16))
+    assert logits.shape == (2, 3)
+    # routing to the new domain gives the same output as routing to its source, until trained
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, "new-mod"), net(x, "dom-b"), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def adapt_data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("adapt-data")
+    keep = write_synth_datalist(root / "keep", "synth-t1", domain="dom-a", name="old-a", training_seeds=(72001, 72002),
+                                validation_seeds=(72003,), classes=["cerebrospinal fluid", "grey matter", "white matter"])
+    new = write_synth_datalist(root / "new", "synth-flair", domain="flair", name="new-flair",
+                               training_seeds=(72011, 72012, 72013), classes=["grey matter", "white matter", "lesion"])
+    doc = json.loads(new.read_text())
+    doc["labels"]["4"] = "Oedema"  # a class the base lacks (the base has "lesion" too, as value 4)
+    new.write_text(json.dumps(doc))
+    config = root / "adapt.toml"
+    config.write_text("steps = 12\nbatch_size = 2\nlr = 0.003\ncheckpoint_every = 5\n[augment]\ngin_p = 0.5\n")
+    return {"keep": keep, "new": new, "config": config}
+
+
+def test_adapt_adds_a_domain_and_a_class_with_three_cases(tiny_model, adapt_data, tmp_path):
+    out = tmp_path / "adapted"
+    p = run("adapt", "--model", tiny_model, "--data", adapt_data["new"], "--keep", adapt_data["keep"], "--out", out,
+            "--config", adapt_data["config"])
+    assert p.returncode == 0, p.stderr
+    assert "adaptation: Dice per class and gate accuracy" in p.stderr and "flair (new) after" in p.stderr
+    card = json.loads((out / "card.json").read_text())
+    base = json.loads((tiny_model / "card.json").read_text())
+    assert [d["name"] for d in card["domains"]] == ["dom-a", "dom-b", "flair"]
+    assert card["architecture"]["domains"] == ["dom-a", "dom-b", "flair"]
+    names = [c["name"] for c in sorted(card["classes"], key=lambda c: c["value"])]
+    assert names == [c["name"] for c in base["classes"]] + ["Oedema"]
+    assert card["architecture"]["num_classes"] == 6
+    assert card["domains"][2]["annotated_classes"] == ["grey matter", "white matter", "Oedema"]
+    t = card["training"]
+    assert t["method"] == "adapt" and t["base_model"]["sha256"] == base["weights"]["sha256"]
+    assert t["new_domains"]["flair"]["like"] in ("dom-a", "dom-b") and t["new_classes"] == ["Oedema"]
+    ev = card["evaluation"]
+    assert ev["split"] == {"dom-a": "validation", "flair": "training"}  # no validation split: training cases, said
+    assert ev["before"]["gate_accuracy"]["flair"] is None  # the base has no such domain
+    assert isinstance(ev["after"]["gate_accuracy"]["flair"], float)
+    assert isinstance(ev["before"]["gate_accuracy"]["dom-a"], float)
+    assert set(ev["after"]["dice"]["flair"]) == {"grey matter", "white matter", "Oedema"}
+    assert ev["before"]["dice"]["flair"]["Oedema"] == 0.0  # the base cannot predict a class it lacks
+    assert not Path(str(out) + ".checkpoint").exists()
+
+    # the adapted package is used by `uharmony segment` as it is, routed to the new domain on request
+    from uharmony.data import synth
+
+    case = synth.make_case(79101, "synth-flair", spacing_mm=4.0)
+    src = tmp_path / "flair.nii.gz"
+    synth.write_case(case, src)
+    report = tmp_path / "r.json"
+    p = run("segment", src, "-o", tmp_path / "seg.nii.gz", "--model", out, "--domain", "flair", "--report", report)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(report.read_text())
+    assert r["domain"]["chosen"] == "flair" and set(r["domain"]["probabilities"]) == {"dom-a", "dom-b", "flair"}
+    assert [c["name"] for c in r["classes"]][-1] == "Oedema"
+
+
+def test_adapt_refuses_a_channel_mismatch_before_training(tiny_model_2ch, adapt_data, tmp_path):
+    out = tmp_path / "never"
+    p = run("adapt", "--model", tiny_model_2ch, "--data", adapt_data["new"], "--out", out,
+            "--config", adapt_data["config"], "--progress", "jsonl")
+    assert p.returncode == ExitCode.BAD_DATALIST, p.stderr
+    assert "Traceback" not in p.stderr
+    events = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["error"]
+    assert events[0]["code"] == ExitCode.BAD_DATALIST
+    assert str(adapt_data["new"]) in events[0]["message"] and "has 1 channel" in events[0]["message"]
+    assert not out.exists() and not Path(str(out) + ".checkpoint").exists()
+
+
+def test_adapt_refuses_a_missing_model_and_an_architecture_key(tiny_model, adapt_data, tmp_path, capsys):
+    from uharmony.cli import main
+
+    assert main(["adapt", "--model", str(tmp_path / "nope"), "--data", str(adapt_data["new"]),
+                 "--out", str(tmp_path / "o")]) == ExitCode.BAD_MODEL
+    assert "no such model folder" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nfilters = [8, 16, 32]\n")
+    assert main(["adapt", "--model", str(tiny_model), "--data", str(adapt_data["new"]), "--out", str(tmp_path / "o"),
+                 "--config", str(bad)]) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "'model.filters' is fixed by the base model" in err and len(err.strip().splitlines()) == 1
