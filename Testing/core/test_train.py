@@ -1,6 +1,6 @@
 """`uharmony train` as a user runs it: real datalists of synthetic phantoms at 4 mm, real processes.
 
-A tiny network (filters 4-8-16, 16^3 patches) keeps each run to seconds. Subprocesses run with one
+A tiny network (filters 4-8-16, 24^3 patches) keeps each run to seconds. Subprocesses run with one
 thread (OMP_NUM_THREADS=1): on a busy 2-core machine that is much faster than two, and the
 bit-exact resume comparison needs the same thread count in every run.
 """
@@ -29,7 +29,7 @@ STEPS = 30
 TINY = f"""
 steps = {STEPS}
 batch_size = 2
-patch_size = [16, 16, 16]
+patch_size = [24, 24, 24]
 spacing_mm = [4.0, 4.0, 4.0]
 lr = 0.01
 val_every = 15
@@ -110,7 +110,7 @@ def test_train_writes_a_valid_package_and_reduces_the_loss(trained, data):
     assert card["domains"][1]["annotated_classes"] == CLASSES_B
     grey = card["classes"][2]
     assert grey["terminology"]["type"]["code"] == "389081007" and len(grey["color"]) == 3
-    assert card["input"]["spacing_mm"] == [4.0, 4.0, 4.0] and card["input"]["patch_size"] == [16, 16, 16]
+    assert card["input"]["spacing_mm"] == [4.0, 4.0, 4.0] and card["input"]["patch_size"] == [24, 24, 24]
     t = card["training"]
     assert t["steps"] == STEPS and t["method"] == "uharmony" and t["config"]["model"]["filters"] == [4, 8, 16]
     assert [d["sha256"] for d in t["datalists"]] == [
@@ -308,3 +308,29 @@ def test_config_defaults_and_adapt_rules(tmp_path):
     assert "divisible" in str(e.value)
     cfg, _ = load_config(None, kind="adapt")
     assert cfg.steps == 300 and cfg.lr == 1e-3
+
+
+def test_joint_baseline_with_ipa_and_oracle_packages(data, tmp_path):
+    """The baselines in the same trainer: joint (plain InstanceNorm, one head, IPA on) and the oracle."""
+    from uharmony.model.harmony import HarmonyNorm
+    from uharmony.model.package import load_model
+
+    short = TINY.replace(f"steps = {STEPS}", "steps = 4").replace("val_every = 15", "val_every = 0")
+    joint = tmp_path / "joint.toml"
+    joint.write_text('method = "joint"\n' + short.replace("gin = true", "gin = true\nipa = true"))
+    p = run("train", "--data", data["a"], data["b"], "--out", tmp_path / "j", "--config", joint)
+    assert p.returncode == 0, p.stderr
+    model, card = load_model(tmp_path / "j")
+    assert model.domains == ["joint"] and card["architecture"]["harmony_levels"] == 0
+    assert not any(isinstance(m, HarmonyNorm) for m in model.modules())
+    assert card["training"]["domains"] == ["synth-t1", "synth-t2"] and card["training"]["config"]["augment"]["ipa"]
+    assert set(card["evaluation"]["dice"]) == {"synth-t1", "synth-t2"}  # still evaluated per datalist domain
+    assert card["evaluation"]["gate_accuracy"] == {"synth-t1": None, "synth-t2": None}
+
+    oracle = tmp_path / "oracle.toml"
+    oracle.write_text('method = "oracle"\n' + short.replace("gin = true", "gin = false"))
+    p = run("train", "--data", data["a"], data["b"], "--out", tmp_path / "o", "--config", oracle)
+    assert p.returncode == 0, p.stderr
+    card = json.loads((tmp_path / "o" / "card.json").read_text())
+    assert card["evaluation"]["routing"] == "oracle" and "oracle" in card["gate"]
+    assert card["gate"]["routing"] == "argmax" and [d["name"] for d in card["domains"]] == ["synth-t1", "synth-t2"]

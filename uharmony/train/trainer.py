@@ -212,6 +212,8 @@ def evaluate(model: UHarmonyNet, items: dict[str, list[Prepared]], classes: list
     gate_acc: dict[str, float | None] = {}
     total = sum(len(v) for v in items.values())
     done = 0
+    if reporter is not None:
+        reporter.progress("validate", 0, total)
     for domain, cases in items.items():
         per_class: dict[int, list[float]] = {}
         hits = []
