@@ -205,17 +205,21 @@ def _train(args, reporter: Reporter) -> int:
     if args.command == "train":
         from uharmony.train.trainer import run_train
 
-        card = run_train(args.data, args.out, args.config, resume=args.resume, overwrite=args.overwrite,
-                         device=args.device, reporter=reporter, argv=argv)
+        written = run_train(args.data, args.out, args.config, resume=args.resume, overwrite=args.overwrite,
+                            device=args.device, reporter=reporter, argv=argv)
     else:
         from uharmony.train.adapt import run_adapt
 
-        card = run_adapt(args.model, args.data, args.keep, args.out, args.config, resume=args.resume,
-                         overwrite=args.overwrite, device=args.device, reporter=reporter, argv=argv)
-    reporter.result([args.out], {"card": card})
+        written = [(args.out, run_adapt(args.model, args.data, args.keep, args.out, args.config, resume=args.resume,
+                                        overwrite=args.overwrite, device=args.device, reporter=reporter, argv=argv))]
+    if len(written) == 1:
+        reporter.result([written[0][0]], {"card": written[0][1]})
+    else:
+        reporter.result([p for p, _ in written], {"cards": [c for _, c in written]})
     if reporter.mode != "jsonl":
-        print(f"wrote {args.out} ({', '.join(d['name'] for d in card['domains'])}; "
-              f"{', '.join(c['name'] for c in card['classes'][1:])})")
+        for path, card in written:
+            print(f"wrote {path} ({', '.join(d['name'] for d in card['domains'])}; "
+                  f"{', '.join(c['name'] for c in card['classes'][1:])})")
     return 0
 
 

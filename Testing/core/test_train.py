@@ -233,10 +233,9 @@ def test_config_unknown_key_wrong_type_and_output_exists(data, tmp_path, capsys)
     exists.mkdir()
     p = cli(capsys, "train", "--data", data["a"], "--out", exists, "--config", data["config"])
     assert p.returncode == ExitCode.OUTPUT_ERROR and "exists already" in last_error(p)
-    bad = tmp_path / "sep.toml"
-    bad.write_text('method = "separate"\n')
+    bad.write_text('{"method": "separated"}')
     p = cli(capsys, "train", "--data", data["a"], "--out", tmp_path / "x", "--config", bad)
-    assert p.returncode == ExitCode.USAGE and "not built yet" in last_error(p)
+    assert p.returncode == ExitCode.USAGE and "'method' must be one of" in last_error(p)
 
 
 def test_bad_datalists_are_refused_before_training_with_every_problem(data, tmp_path):
@@ -310,8 +309,18 @@ def test_config_defaults_and_adapt_rules(tmp_path):
     assert cfg.steps == 300 and cfg.lr == 1e-3
 
 
-def test_joint_baseline_with_ipa_and_oracle_packages(data, tmp_path):
-    """The baselines in the same trainer: joint (plain InstanceNorm, one head, IPA on) and the oracle."""
+@pytest.fixture
+def one_thread():
+    """In-process training runs with one thread, like the subprocesses (much faster on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_baselines_joint_with_ipa_oracle_and_separate(data, tmp_path, capsys, one_thread):
+    """The baselines in the same trainer: joint (plain InstanceNorm, one head, IPA on), the oracle, and a
+    separate model per datalist (the last two in this process, to save the start-up time)."""
     from uharmony.model.harmony import HarmonyNorm
     from uharmony.model.package import load_model
 
@@ -329,8 +338,19 @@ def test_joint_baseline_with_ipa_and_oracle_packages(data, tmp_path):
 
     oracle = tmp_path / "oracle.toml"
     oracle.write_text('method = "oracle"\n' + short.replace("gin = true", "gin = false"))
-    p = run("train", "--data", data["a"], data["b"], "--out", tmp_path / "o", "--config", oracle)
+    p = cli(capsys, "train", "--data", data["a"], data["b"], "--out", tmp_path / "o", "--config", oracle)
     assert p.returncode == 0, p.stderr
+    assert "routing: the true domain (oracle)" in p.stderr
     card = json.loads((tmp_path / "o" / "card.json").read_text())
     assert card["evaluation"]["routing"] == "oracle" and "oracle" in card["gate"]
     assert card["gate"]["routing"] == "argmax" and [d["name"] for d in card["domains"]] == ["synth-t1", "synth-t2"]
+
+    separate = tmp_path / "separate.toml"
+    separate.write_text('method = "separate"\n' + short.replace("steps = 4", "steps = 2"))
+    p = cli(capsys, "train", "--data", data["a"], data["b"], "--out", tmp_path / "s", "--config", separate)
+    assert p.returncode == 0, p.stderr
+    assert sorted(x.name for x in (tmp_path / "s").iterdir()) == ["set-a", "set-b"]  # one package per datalist
+    for name, domain, classes in (("set-a", "synth-t1", CLASSES_A), ("set-b", "synth-t2", CLASSES_B)):
+        model, card = load_model(tmp_path / "s" / name)
+        assert model.domains == [domain] and card["architecture"]["harmony_levels"] == 0
+        assert [c["name"] for c in card["classes"]] == ["background", *classes]

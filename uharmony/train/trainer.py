@@ -10,8 +10,8 @@ from a checkpoint is the same as an uninterrupted one (bit-identical on the CPU)
 
 Methods (config ``method``): ``uharmony`` (U-Harmony layers, one head per domain, the gate routes
 at inference); ``oracle`` (trained identically; evaluated with the true domain, and the card says
-so); ``joint`` (plain InstanceNorm, one head, no gate training: the baseline); ``separate`` is not
-built yet (it equals ``joint`` run once per datalist).
+so); ``joint`` (plain InstanceNorm, one head, no gate training: the baseline); ``separate`` (the
+``joint`` network trained on each datalist alone: one package per datalist in ``OUT/<dataset name>``).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from uharmony.train.losses import MarginalDiceCELoss
 
 OVERLAP = 0.5  # sliding-window overlap for validation and in the card (what `uharmony segment` uses)
 JOINT_DOMAIN = "joint"
+ROUTING_TEXT = {"auto": "the gate, as --domain auto", "oracle": "the true domain (oracle)", "joint": "one head"}
 
 
 # ------------------------------------------------------------------------------------ the step loop
@@ -363,18 +364,62 @@ def card_name(out: Path) -> str:
 
 
 def run_train(data: list[str], out: str, config_path: str | None, *, resume: bool = False, overwrite: bool = False,
-              device: str | None = None, reporter: Reporter | None = None, argv: list[str] | None = None) -> dict:
-    """The whole of `uharmony train`; returns the written card."""
+              device: str | None = None, reporter: Reporter | None = None, argv: list[str] | None = None
+              ) -> list[tuple[Path, dict]]:
+    """The whole of `uharmony train`; returns (package folder, card) of each model written.
+
+    One model, except for ``method = "separate"``: one package per datalist, in ``OUT/<dataset name>``.
+    """
     reporter = reporter or Reporter("none")
     cfg, _ = load_config(config_path, overrides={"device": device})
-    if cfg.method == "separate":
-        raise UHarmonyError("method 'separate' is not built yet; for the same baseline run `uharmony train` once per "
-                            "datalist with method = \"joint\"", config_path, code=ExitCode.USAGE)
     out = Path(out)
+    if cfg.method == "separate":
+        return _run_separate(data, out, cfg, resume=resume, overwrite=overwrite, reporter=reporter, argv=argv)
     ckpt = prepare_output(out, overwrite=overwrite, resume=resume)
     dev = choose_device(cfg.device)
-
     datasets = load_datasets(data)  # every problem of every datalist at once (exit 5)
+    card = train_package(datasets, out, cfg, ckpt=ckpt, dev=dev, resume=resume, overwrite=overwrite,
+                         reporter=reporter, argv=argv)
+    return [(out, card)]
+
+
+def _run_separate(data: list[str], out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool, reporter: Reporter,
+                  argv) -> list[tuple[Path, dict]]:
+    """The separate baseline: a plain model (as `joint`) per datalist, each trained on that datalist alone."""
+    from uharmony.model.card import load_card
+
+    if out.exists() and not (overwrite or resume):
+        raise OutputError("exists already (use --overwrite to replace it)", out)
+    dev = choose_device(cfg.device)
+    datasets = load_datasets(data)
+    names: list[str] = []
+    for ds in datasets:
+        name = card_name(Path(ds.name))
+        while name in names:
+            name += "-2"
+        names.append(name)
+    plans = []
+    for ds, name in zip(datasets, names):
+        sub = out / name
+        done = resume and (sub / "card.json").is_file()
+        again = resume and not done and checkpoint_dir(sub).exists()
+        ckpt = None if done else prepare_output(sub, overwrite=overwrite, resume=again)
+        plans.append((ds, sub, done, again, ckpt))
+    results = []
+    for i, (ds, sub, done, again, ckpt) in enumerate(plans):
+        if done:
+            reporter.log(f"separate model {i + 1}/{len(plans)}: {sub} is finished already; kept")
+            results.append((sub, load_card(sub)))
+            continue
+        reporter.log(f"separate model {i + 1}/{len(plans)}: {ds.name} ({ds.domain}) -> {sub}")
+        results.append((sub, train_package([ds], sub, cfg, ckpt=ckpt, dev=dev, resume=again, overwrite=overwrite,
+                                           reporter=reporter, argv=argv)))
+    return results
+
+
+def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt: Path, dev: torch.device,
+                  resume: bool, overwrite: bool, reporter: Reporter, argv) -> dict:
+    """Train one model on `datasets` (already checked) and write its package; returns the card."""
     union, maps = union_label_space(datasets)
     records = datalist_records(datasets)
     meta = {"kind": "train", "config_hash": config_hash(cfg), "datalists": [r["sha256"] for r in records]}
@@ -382,8 +427,8 @@ def run_train(data: list[str], out: str, config_path: str | None, *, resume: boo
         step_dir, ck_state = check_resume(ckpt, meta)
 
     data_domains = list(dict.fromkeys(d.domain for d in datasets))
-    joint = cfg.method == "joint"
-    model_domains = [JOINT_DOMAIN] if joint else data_domains
+    joint = cfg.method in ("joint", "separate")  # plain InstanceNorm, one head, no gate training
+    model_domains = [JOINT_DOMAIN] if cfg.method == "joint" else data_domains  # separate: one datalist, one domain
     route = {d: (0 if joint else model_domains.index(d)) for d in data_domains}
     patch = tuple(cfg.patch_size)
 
@@ -420,7 +465,8 @@ def run_train(data: list[str], out: str, config_path: str | None, *, resume: boo
         if reporter.mode != "jsonl":
             rows = [(d, val_split[d], {"dice": result["dice"][d], "gate": result["gate_accuracy"][d]})
                     for d in result["dice"]]
-            print(format_table(f"validation at step {step} (training loss {loss:.4f}, routing {mode})", rows, union),
+            title = f"validation at step {step} (training loss {loss:.4f}; routing: {ROUTING_TEXT[mode]})"
+            print(format_table(title, rows, union),
                   file=sys.stderr, flush=True)
         return result
 
@@ -435,11 +481,11 @@ def run_train(data: list[str], out: str, config_path: str | None, *, resume: boo
 
     domains_card = []
     for d in model_domains:
-        members = [ds for ds in datasets if joint or ds.domain == d]
+        members = [ds for ds in datasets if cfg.method == "joint" or ds.domain == d]
         annotated = sorted({maps[ds.name][v] for ds in members for v in ds.labels if v})
         domains_card.append({
             "name": d, "modality": "+".join(members[0].channels),
-            "description": ("all training domains in one: " + ", ".join(data_domains)) if joint
+            "description": ("all training domains in one: " + ", ".join(data_domains)) if cfg.method == "joint"
             else "datasets: " + ", ".join(ds.name for ds in members),
             "annotated_classes": [union[v] for v in annotated]})
     card = {
@@ -472,8 +518,10 @@ def run_train(data: list[str], out: str, config_path: str | None, *, resume: boo
         card["gate"]["oracle"] = ("trained as the oracle baseline: evaluated with the true domain; use "
                                   "`uharmony segment --domain NAME` to reproduce it")
         card["limitations"].append("Oracle baseline: its evaluation was routed by the true domain, not the gate.")
-    if joint:
+    if cfg.method == "joint":
         card["limitations"].append("Joint baseline: plain InstanceNorm and one head for all domains (no routing).")
+    if cfg.method == "separate":
+        card["limitations"].append("Separate baseline: plain InstanceNorm, trained on this one dataset alone.")
     written = save_package(model.cpu(), card, out, overwrite=overwrite)
     shutil.rmtree(ckpt, ignore_errors=True)
     return written
