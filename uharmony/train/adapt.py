@@ -128,6 +128,10 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
     model = model.to(dev)
     reporter.log("evaluating the base model")
     before = evaluate(model, eval_items, union, mode="auto", patch=patch, device=dev, reporter=reporter)
+    reporter.metric(step=0, loss=None, dice=before["dice"], gate_accuracy=before["gate_accuracy"], phase="before")
+    for d, split in splits.items():
+        if split == "training":
+            reporter.log(f"note: {d} has no validation split; its before/after figures are on its training cases")
 
     data_domains = list(dict.fromkeys(d.domain for d in all_ds))
     fresh = [d for d in data_domains if d not in model.domains]
@@ -164,7 +168,7 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
                                    scaler=scaler, validate=validate)
     after = evaluate(model, eval_items, union, mode="auto", patch=patch, device=dev, reporter=reporter)
     reporter.metric(step=cfg.steps, loss=round(last_loss, 5) if np.isfinite(last_loss) else None, dice=after["dice"],
-                    gate_accuracy=after["gate_accuracy"])
+                    gate_accuracy=after["gate_accuracy"], phase="after")
 
     # Familiarity: refit the Gaussians of the domains that have data here; keep the others' (base) ones.
     held = [i for v in eval_items.values() for i in v]

@@ -438,6 +438,9 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
                                      train_items=items)
     reporter.log(f"loaded {len(items)} training cases of {len(data_domains)} domain(s) "
                  f"({', '.join(data_domains)}) in {time.time() - t_load:.0f} s; classes: {', '.join(union[1:])}")
+    for d, split in val_split.items():
+        if split == "training":
+            reporter.log(f"note: {d} has no validation split; it is validated on its training cases")
 
     torch.manual_seed(cfg.seed)
     arch = ArchConfig(in_channels=len(datasets[0].channels), num_classes=len(union), domains=list(model_domains),
