@@ -107,11 +107,17 @@ def adapt_data(tmp_path_factory) -> dict:
     return {"keep": keep, "new": new, "config": config}
 
 
-def test_adapt_adds_a_domain_and_a_class_with_three_cases(tiny_model, adapt_data, tmp_path):
-    out = tmp_path / "adapted"
+@pytest.fixture(scope="module")
+def adapted(tiny_model, adapt_data, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("adapted") / "adapted"
     p = run("adapt", "--model", tiny_model, "--data", adapt_data["new"], "--keep", adapt_data["keep"], "--out", out,
             "--config", adapt_data["config"])
     assert p.returncode == 0, p.stderr
+    return {"out": out, "proc": p}
+
+
+def test_adapt_adds_a_domain_and_a_class_with_three_cases(tiny_model, adapted, tmp_path):
+    out, p = adapted["out"], adapted["proc"]
     assert "adaptation: Dice per class and gate accuracy" in p.stderr and "flair (new) after" in p.stderr
     card = json.loads((out / "card.json").read_text())
     base = json.loads((tiny_model / "card.json").read_text())
@@ -145,6 +151,38 @@ def test_adapt_adds_a_domain_and_a_class_with_three_cases(tiny_model, adapt_data
     r = json.loads(report.read_text())
     assert r["domain"]["chosen"] == "flair" and set(r["domain"]["probabilities"]) == {"dom-a", "dom-b", "flair"}
     assert [c["name"] for c in r["classes"]][-1] == "Oedema"
+
+
+def test_adapt_resume_after_sigkill_equals_uninterrupted(tiny_model, adapt_data, adapted, tmp_path):
+    import signal
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "again"
+    cmd = [sys.executable, "-m", "uharmony", "adapt", "--model", str(tiny_model), "--data", str(adapt_data["new"]),
+           "--keep", str(adapt_data["keep"]), "--out", str(out), "--config", str(adapt_data["config"]),
+           "--progress", "jsonl"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            e = json.loads(line)
+            if e["event"] == "progress" and e["stage"] == "train" and e["done"] == 7:  # checkpoint 5 is written
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    step = json.loads((tmp_path / "again.checkpoint" / "latest.json").read_text())["step"]
+    assert 5 <= step < 12
+    p = run("adapt", "--model", tiny_model, "--data", adapt_data["new"], "--keep", adapt_data["keep"], "--out", out,
+            "--config", adapt_data["config"], "--resume")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((out / "card.json").read_text())["training"]["resumed_from_step"] == step
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(adapted["out"] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
 
 
 def test_adapt_refuses_a_channel_mismatch_before_training(tiny_model_2ch, adapt_data, tmp_path):
