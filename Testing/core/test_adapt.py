@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -96,7 +95,8 @@ def test_new_domain_starts_as_a_copy_of_the_closest_and_has_a_gate_output():
 def adapt_data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("adapt-data")
     keep = write_synth_datalist(root / "keep", "synth-t1", domain="dom-a", name="old-a", training_seeds=(72001, 72002),
-                                validation_seeds=(72003,), classes=["cerebrospinal fluid", "grey matter", "white matter"])
+                                validation_seeds=(72003,),
+                                classes=["cerebrospinal fluid", "grey matter", "white matter"])
     new = write_synth_datalist(root / "new", "synth-flair", domain="flair", name="new-flair",
                                training_seeds=(72011, 72012, 72013), classes=["grey matter", "white matter", "lesion"])
     doc = json.loads(new.read_text())

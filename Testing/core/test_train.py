@@ -256,7 +256,8 @@ def test_bad_datalists_are_refused_before_training_with_every_problem(data, tmp_
     lab = np.zeros((8, 8, 8), np.uint8)
     lab[2, 2, 2] = 7
     nib.save(nib.Nifti1Image(lab, aff), str(root / "labelsTr/c.nii.gz"))  # value 7 not in the table
-    doc = {"name": "bad1", "domain": "mri-t1", "modality": {"0": "image"}, "labels": {"0": "background", "1": "grey matter"},
+    doc = {"name": "bad1", "domain": "mri-t1", "modality": {"0": "image"},
+           "labels": {"0": "background", "1": "grey matter"},
            "training": [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"},
                         {"image": "imagesTr/b.nii.gz", "label": "labelsTr/b.nii.gz"},
                         {"image": "imagesTr/c.nii.gz", "label": "labelsTr/c.nii.gz"},

@@ -35,7 +35,7 @@ METHODS = ("uharmony", "joint", "separate", "oracle")
 class AugmentConfig:
     gin: bool = True  # GIN random-convolution intensity augmentation of the network's input
     gin_p: float = 0.5  # probability that a sample of a batch is augmented (GIN and IPA)
-    ipa: bool = False  # IPA: two GIN views blended by a smooth mask + KL consistency (doubles the cost)
+    ipa: bool = False  # IPA instead of plain GIN: two GIN views, smooth-mask blend, KL consistency (2x cost)
     ipa_weight: float = 0.3  # weight of the KL consistency loss between the two IPA views
 
 
@@ -60,7 +60,7 @@ class TrainConfig:
     method: str = "uharmony"  # uharmony, joint, separate or oracle (see "Methods")
     steps: int = 2000  # optimiser steps
     batch_size: int = 2  # patches per step (domains drawn uniformly, then a case of that domain)
-    patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])  # training patch, voxels (also the inference window)
+    patch_size: list[int] = field(default_factory=lambda: [64] * 3)  # training patch, voxels (= inference window)
     spacing_mm: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])  # model grid spacing
     fg_prob: float = 0.67  # probability that a patch is centred on a foreground voxel
     lr: float = 3e-3  # peak learning rate (AdamW; linear warm-up over 5% of the steps, then poly decay 0.9)

@@ -50,8 +50,8 @@ def load_datasets(paths: list[str | os.PathLike], *, require_labels: bool = True
         except BadDatalistError as e:
             problems += getattr(e, "problems", None) or [str(e)]
     if problems:
-        err = BadDatalistError("\n".join([f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in the datalists",
-                                          *problems]))
+        head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in the datalists"
+        err = BadDatalistError("\n".join([head, *problems]))
         err.problems = problems  # type: ignore[attr-defined]
         raise err
     check_compatible(datasets)

@@ -16,6 +16,7 @@ so); ``joint`` (plain InstanceNorm, one head, no gate training: the baseline); `
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import shutil
@@ -98,7 +99,7 @@ def train_step(state: LoopState, step: int, optimizer, scaler, loss_fn: Marginal
 
     model.train()
     out: dict = {}
-    with autocast(device) if cfg.amp else _null():
+    with autocast(device) if cfg.amp else contextlib.nullcontext():
         if cfg.augment.ipa:
             view_a, view_b = IPA(p=cfg.augment.gin_p, generator=generator)(x)
             la, lb = model(view_a, routing), model(view_b, routing)
@@ -128,14 +129,6 @@ def train_step(state: LoopState, step: int, optimizer, scaler, loss_fn: Marginal
         raise UHarmonyError(f"the loss became {out['loss']} at step {step}; lower lr or turn amp off",
                             code=ExitCode.INTERNAL)
     return out
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def run_steps(state: LoopState, *, start: int, reporter: Reporter, ckpt: Path | None, meta: dict,
@@ -464,7 +457,8 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
 
     def validate(step: int, loss: float, sets=limited) -> dict:
         result = evaluate(model, sets, union, mode=mode, patch=patch, device=dev, reporter=reporter)
-        reporter.metric(step=step, loss=round(loss, 5) if math.isfinite(loss) else None, dice=result["dice"], gate_accuracy=result["gate_accuracy"])
+        reporter.metric(step=step, loss=round(loss, 5) if math.isfinite(loss) else None, dice=result["dice"],
+                        gate_accuracy=result["gate_accuracy"])
         if reporter.mode != "jsonl":
             rows = [(d, val_split[d], {"dice": result["dice"][d], "gate": result["gate_accuracy"][d]})
                     for d in result["dice"]]
