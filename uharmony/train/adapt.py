@@ -105,6 +105,14 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
         raise UHarmonyError(f"key 'patch_size' {list(patch)} must be divisible by the base model's total stride "
                             f"{factor}", config_path, code=ExitCode.USAGE)
     gate_size = list(model.gate.input_size)
+    # What the adaptation really uses, so the card's config says it (these keys cannot be set for adapt).
+    arch = model.config
+    cfg.spacing_mm, cfg.patch_size, cfg.gate.input_size = spacing, list(patch), gate_size
+    cfg.model.filters, cfg.model.strides = list(arch.filters), list(arch.strides)
+    cfg.model.harmony_levels, cfg.model.poly_degree, cfg.model.clamp = arch.harmony_levels, arch.poly_degree, arch.clamp
+    cfg.gate.filters = list(arch.gate_filters)
+    cfg.method = base_card.get("training", {}).get("method", "uharmony") if isinstance(base_card.get("training"),
+                                                                                      dict) else "uharmony"
     records = datalist_records(all_ds)
     base_sha = base_card["weights"]["sha256"]
     meta = {"kind": "adapt", "datalists": [r["sha256"] for r in records],

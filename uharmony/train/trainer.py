@@ -260,7 +260,7 @@ def prepare_items(datasets: list[Dataset], maps: dict[str, dict[int, int]], unio
     items = []
     for i, (case, m, annotated) in enumerate(todo):
         items.append(prepare_case(case, spacing, m, annotated, gate_size))
-        reporter.progress(f"load {split}", i + 1, len(todo))
+        reporter.progress("load", i + 1, len(todo))  # training cases, then validation cases
     return items
 
 
