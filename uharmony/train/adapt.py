@@ -121,10 +121,11 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
         step_dir, ck_state = check_resume(ckpt, meta)
 
     t_load = time.time()
-    new_items = prepare_items(new_ds, maps, union, spacing, gate_size, reporter, split="training")
-    keep_items = prepare_items(keep_ds, maps, union, spacing, gate_size, reporter, split="training")
-    new_eval, new_split = eval_sets(new_ds, maps, union, spacing, gate_size, reporter, train_items=new_items)
-    keep_eval, keep_split = eval_sets(keep_ds, maps, union, spacing, gate_size, reporter, train_items=keep_items)
+    view = model.gate.downsample  # the gate's un-augmented whole-image view, as at inference
+    new_items = prepare_items(new_ds, maps, union, spacing, view, reporter, split="training")
+    keep_items = prepare_items(keep_ds, maps, union, spacing, view, reporter, split="training")
+    new_eval, new_split = eval_sets(new_ds, maps, union, spacing, view, reporter, train_items=new_items)
+    keep_eval, keep_split = eval_sets(keep_ds, maps, union, spacing, view, reporter, train_items=keep_items)
     reporter.log(f"loaded {len(new_items)} new and {len(keep_items)} replayed training cases in "
                  f"{time.time() - t_load:.0f} s")
     eval_items = {**{d: v for d, v in keep_eval.items()}, **{d: v for d, v in new_eval.items()}}

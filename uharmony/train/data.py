@@ -83,8 +83,12 @@ def read_label_array(path: str | os.PathLike) -> np.ndarray:
 
 
 def prepare_case(case: Case, spacing_mm, label_map: dict[int, int] | None, annotated: list[int],
-                 gate_size, normalization: dict | None = None) -> Prepared:
-    """Read a case and put it on the model grid exactly as `uharmony segment` does with its input."""
+                 gate_view, normalization: dict | None = None) -> Prepared:
+    """Read a case and put it on the model grid exactly as `uharmony segment` does with its input.
+
+    ``gate_view``: the model's ``gate.downsample`` (the gate's whole-image view, computed once here), or
+    a size (D, H, W) for the same trilinear resize without a model.
+    """
     volumes = [read_volume(p) for p in case.image]
     ref = volumes[0]
     grid = plan_grid(ref.shape, ref.affine, spacing_mm)
@@ -102,7 +106,10 @@ def prepare_case(case: Case, spacing_mm, label_map: dict[int, int] | None, annot
             t = F.interpolate(t[None].float(), size=grid.model_shape, mode="nearest-exact")[0]
         labels = t.to(torch.uint8).contiguous()
         fg = torch.nonzero(labels[0] > 0)
-    small = F.interpolate(x[None], size=tuple(gate_size), mode="trilinear", align_corners=False, antialias=False)[0]
+    if callable(gate_view):
+        small = gate_view(x[None])[0]
+    else:
+        small = F.interpolate(x[None], size=tuple(gate_view), mode="trilinear", align_corners=False)[0]
     return Prepared(image=x.contiguous(), labels=labels, small=small, domain=case.domain, dataset=case.dataset,
                     annotated=list(annotated), source=str(case.image[0]), fg=fg)
 

@@ -250,7 +250,7 @@ def format_table(title: str, rows: list[tuple[str, str, dict]], classes: list[st
 # ------------------------------------------------------------------------------------ shared parts
 
 
-def prepare_items(datasets: list[Dataset], maps: dict[str, dict[int, int]], union: list[str], spacing, gate_size,
+def prepare_items(datasets: list[Dataset], maps: dict[str, dict[int, int]], union: list[str], spacing, gate_view,
                   reporter: Reporter, *, split: str) -> list[Prepared]:
     todo = []
     for ds in datasets:
@@ -259,15 +259,15 @@ def prepare_items(datasets: list[Dataset], maps: dict[str, dict[int, int]], unio
             todo.append((case, maps[ds.name], annotated))
     items = []
     for i, (case, m, annotated) in enumerate(todo):
-        items.append(prepare_case(case, spacing, m, annotated, gate_size))
+        items.append(prepare_case(case, spacing, m, annotated, gate_view))
         reporter.progress("load", i + 1, len(todo))  # training cases, then validation cases
     return items
 
 
-def eval_sets(datasets: list[Dataset], maps, union, spacing, gate_size, reporter, *, limit: int | None = None,
+def eval_sets(datasets: list[Dataset], maps, union, spacing, gate_view, reporter, *, limit: int | None = None,
               train_items: list[Prepared] | None = None) -> tuple[dict[str, list[Prepared]], dict[str, str]]:
     """Validation cases per domain; a domain with no validation split is evaluated on its training cases."""
-    val = prepare_items(datasets, maps, union, spacing, gate_size, reporter, split="validation")
+    val = prepare_items(datasets, maps, union, spacing, gate_view, reporter, split="validation")
     by_domain: dict[str, list[Prepared]] = {}
     for item in val:
         by_domain.setdefault(item.domain, []).append(item)
@@ -425,9 +425,16 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
     route = {d: (0 if joint else model_domains.index(d)) for d in data_domains}
     patch = tuple(cfg.patch_size)
 
+    torch.manual_seed(cfg.seed)
+    arch = ArchConfig(in_channels=len(datasets[0].channels), num_classes=len(union), domains=list(model_domains),
+                      filters=list(cfg.model.filters), strides=list(cfg.model.strides),
+                      harmony_levels=0 if joint else cfg.model.harmony_levels, poly_degree=cfg.model.poly_degree,
+                      clamp=cfg.model.clamp, gate_input_size=list(cfg.gate.input_size),
+                      gate_filters=list(cfg.gate.filters))
+    model = UHarmonyNet(arch)
     t_load = time.time()
-    items = prepare_items(datasets, maps, union, cfg.spacing_mm, cfg.gate.input_size, reporter, split="training")
-    val_items, val_split = eval_sets(datasets, maps, union, cfg.spacing_mm, cfg.gate.input_size, reporter,
+    items = prepare_items(datasets, maps, union, cfg.spacing_mm, model.gate.downsample, reporter, split="training")
+    val_items, val_split = eval_sets(datasets, maps, union, cfg.spacing_mm, model.gate.downsample, reporter,
                                      train_items=items)
     reporter.log(f"loaded {len(items)} training cases of {len(data_domains)} domain(s) "
                  f"({', '.join(data_domains)}) in {time.time() - t_load:.0f} s; classes: {', '.join(union[1:])}")
@@ -435,13 +442,7 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
         if split == "training":
             reporter.log(f"note: {d} has no validation split; it is validated on its training cases")
 
-    torch.manual_seed(cfg.seed)
-    arch = ArchConfig(in_channels=len(datasets[0].channels), num_classes=len(union), domains=list(model_domains),
-                      filters=list(cfg.model.filters), strides=list(cfg.model.strides),
-                      harmony_levels=0 if joint else cfg.model.harmony_levels, poly_degree=cfg.model.poly_degree,
-                      clamp=cfg.model.clamp, gate_input_size=list(cfg.gate.input_size),
-                      gate_filters=list(cfg.gate.filters))
-    model = UHarmonyNet(arch).to(dev)
+    model = model.to(dev)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp and dev.type == "cuda")
     start = 0
