@@ -40,6 +40,7 @@ def _ours(path: str, out_dir: str, model, device: str, repeats: int, conn) -> No
 
 def _reference(path: str, out_dir: str, model, device: str, domain: str, repeats: int, conn) -> None:
     import torch
+    from monai.data import MetaTensor
     from monai.inferers import sliding_window_inference
     from monai.transforms import (Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd, SaveImage,
                                   Spacingd)
@@ -74,10 +75,11 @@ def _reference(path: str, out_dir: str, model, device: str, domain: str, repeats
                     return net(p, routing[: p.shape[0]])
 
             logits = sliding_window_inference(x[None], inp["patch_size"], int(inp.get("sw_batch_size", 1)), predictor,
-                                              overlap=float(inp.get("overlap", 0.5)), mode="gaussian")
+                                              overlap=float(inp.get("overlap", 0.5)), mode="gaussian",
+                                              padding_mode="constant", cval=float(x.min()))  # as ours
         t["network"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        data["pred"] = logits[0].float().cpu()
+        data["pred"] = MetaTensor(logits[0].float().cpu())  # as a MetaTensor input would have produced
         data["image"] = data["image"].cpu()
         inverted = post(data)
         labels = inverted["pred"].argmax(0, keepdim=True).to(torch.uint8)
@@ -97,7 +99,13 @@ def _in_process(target, *args) -> dict:
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=target, args=(*args, child))
     proc.start()
-    result = parent.recv()
+    child.close()
+    try:
+        result = parent.recv()  # EOFError when the child died before answering
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"the benchmark process {target.__name__} failed (exit code {proc.exitcode}); "
+                           "its traceback is above") from None
     proc.join()
     return result
 

@@ -1,8 +1,8 @@
 """Whole-volume segmentation: image file(s) in, label map on the input's own grid + report out.
 
 Stages (each timed, each reported as progress): read -> preprocess (RAS order, model spacing,
-normalisation) -> gate (domain probabilities and familiarity on a low-resolution copy) -> infer
-(MONAI sliding window, Gaussian blending, one domain's routing) -> postprocess (logits back onto the
+normalisation) -> gate (domain probabilities on a low-resolution copy) -> infer (MONAI sliding window,
+Gaussian blending, one domain's routing) -> postprocess (unfamiliar-input score, logits back onto the
 input grid, argmax, volumes) -> write (atomic: nothing is left half-written).
 """
 
@@ -23,6 +23,7 @@ from uharmony.data.io import Volume, atomic_output, check_output_path, read_head
 from uharmony.data.preprocess import from_model_grid, normalize_intensity, plan_grid, to_model_grid
 from uharmony.device import autocast, available_memory_bytes, choose_device, is_out_of_memory
 from uharmony.errors import BadInputError, ExitCode, OutOfMemoryError, UHarmonyError
+from uharmony.model import familiarity
 from uharmony.model.package import load_model
 from uharmony.model.registry import resolve_model
 from uharmony.progress import Reporter
@@ -166,6 +167,7 @@ class Segmenter:
 
             t0 = time.perf_counter()
             self.reporter.progress("postprocess", 0, 1)
+            self._contrast_familiarity(x, logits[0], gate)
             labels = from_model_grid(logits[0].float(), grid).argmax(0).to(torch.uint8).cpu().numpy()
             self.reporter.progress("postprocess", 1, 1)
             timings["postprocess"] = time.perf_counter() - t0
@@ -216,6 +218,17 @@ class Segmenter:
                                 self.model_dir, code=ExitCode.USAGE)
         return GateResult({n: round(p, 6) for n, p in zip(names, probs)}, chosen, mode, score > threshold,
                           round(score, 4), threshold)
+
+    def _contrast_familiarity(self, x: torch.Tensor, logits: torch.Tensor, gate: GateResult) -> None:
+        """Replace the gate-feature score by the contrast-fingerprint score when the card has one."""
+        calib = self.card["gate"].get("calibration", {})
+        if calib.get("score") != familiarity.SCORE_NAME:
+            return
+        labels = logits.argmax(0)
+        voxel_ml = float(np.prod(self.spacing)) / 1000.0
+        feats = familiarity.fingerprint(x, labels, calib["classes"], voxel_ml)
+        gate.score = round(familiarity.score(feats, calib["domains"]), 4)
+        gate.unfamiliar = gate.score > gate.threshold
 
     def run_network(self, x: torch.Tensor, domain: str) -> torch.Tensor:
         routing = self.model.routing_from(domain, self.sw_batch_size, self.device)
