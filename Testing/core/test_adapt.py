@@ -99,7 +99,7 @@ def adapt_data(tmp_path_factory) -> dict:
                                 classes=["cerebrospinal fluid", "grey matter", "white matter"])
     new = write_synth_datalist(root / "new", "synth-flair", domain="flair", name="new-flair",
                                training_seeds=(72011, 72012, 72013), classes=["grey matter", "white matter", "lesion"])
-    doc = json.loads(new.read_text())
+    doc = json.loads(new.read_text(encoding="utf-8"))
     doc["labels"]["4"] = "Oedema"  # a class the base lacks (the base has "lesion" too, as value 4)
     new.write_text(json.dumps(doc))
     config = root / "adapt.toml"
@@ -119,8 +119,8 @@ def adapted(tiny_model, adapt_data, tmp_path_factory) -> dict:
 def test_adapt_adds_a_domain_and_a_class_with_three_cases(tiny_model, adapted, tmp_path):
     out, p = adapted["out"], adapted["proc"]
     assert "adaptation: Dice per class and gate accuracy" in p.stderr and "flair (new) after" in p.stderr
-    card = json.loads((out / "card.json").read_text())
-    base = json.loads((tiny_model / "card.json").read_text())
+    card = json.loads((out / "card.json").read_text(encoding="utf-8"))
+    base = json.loads((tiny_model / "card.json").read_text(encoding="utf-8"))
     assert [d["name"] for d in card["domains"]] == ["dom-a", "dom-b", "flair"]
     assert card["architecture"]["domains"] == ["dom-a", "dom-b", "flair"]
     names = [c["name"] for c in sorted(card["classes"], key=lambda c: c["value"])]
@@ -148,7 +148,7 @@ def test_adapt_adds_a_domain_and_a_class_with_three_cases(tiny_model, adapted, t
     report = tmp_path / "r.json"
     p = run("segment", src, "-o", tmp_path / "seg.nii.gz", "--model", out, "--domain", "flair", "--report", report)
     assert p.returncode == 0, p.stderr
-    r = json.loads(report.read_text())
+    r = json.loads(report.read_text(encoding="utf-8"))
     assert r["domain"]["chosen"] == "flair" and set(r["domain"]["probabilities"]) == {"dom-a", "dom-b", "flair"}
     assert [c["name"] for c in r["classes"]][-1] == "Oedema"
 
@@ -174,12 +174,12 @@ def test_adapt_resume_after_sigkill_equals_uninterrupted(tiny_model, adapt_data,
         proc.kill()
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL and not out.exists()
-    step = json.loads((tmp_path / "again.checkpoint" / "latest.json").read_text())["step"]
+    step = json.loads((tmp_path / "again.checkpoint" / "latest.json").read_text(encoding="utf-8"))["step"]
     assert 5 <= step < 12
     p = run("adapt", "--model", tiny_model, "--data", adapt_data["new"], "--keep", adapt_data["keep"], "--out", out,
             "--config", adapt_data["config"], "--resume")
     assert p.returncode == 0, p.stderr
-    assert json.loads((out / "card.json").read_text())["training"]["resumed_from_step"] == step
+    assert json.loads((out / "card.json").read_text(encoding="utf-8"))["training"]["resumed_from_step"] == step
     a, b = load_file(str(out / "model.safetensors")), load_file(str(adapted["out"] / "model.safetensors"))
     assert a.keys() == b.keys()
     assert not [k for k in a if not torch.equal(a[k], b[k])]

@@ -151,7 +151,7 @@ def test_segment_uses_the_trained_package(trained, tmp_path):
     assert p.returncode == 0, p.stderr
     seg = nib.load(str(out))
     assert seg.shape == case.image.shape and np.allclose(seg.affine, case.affine)
-    r = json.loads(report.read_text())
+    r = json.loads(report.read_text(encoding="utf-8"))
     assert r["domain"]["chosen"] in ("synth-t1", "synth-t2")
     assert [c["name"] for c in r["classes"]] == [*CLASSES_A, "lesion"]
 
@@ -172,19 +172,19 @@ def test_resume_after_sigkill_equals_uninterrupted(trained, data, tmp_path):
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
-    latest = json.loads((tmp_path / "resumed.checkpoint" / "latest.json").read_text())
+    latest = json.loads((tmp_path / "resumed.checkpoint" / "latest.json").read_text(encoding="utf-8"))
     assert 10 <= latest["step"] < STEPS
 
     p = run("train", "--data", data["a"], data["b"], "--out", out, "--config", data["config"], "--resume")
     assert p.returncode == 0, p.stderr
-    card = json.loads((out / "card.json").read_text())
+    card = json.loads((out / "card.json").read_text(encoding="utf-8"))
     assert card["training"]["resumed_from_step"] == latest["step"]
     resumed = load_file(str(out / "model.safetensors"))
     straight = load_file(str(trained["out"] / "model.safetensors"))
     assert resumed.keys() == straight.keys()
     different = [k for k in straight if not torch.equal(resumed[k], straight[k])]
     assert not different, different[:5]
-    full = json.loads((trained["out"] / "card.json").read_text())
+    full = json.loads((trained["out"] / "card.json").read_text(encoding="utf-8"))
     assert card["evaluation"]["dice"] == full["evaluation"]["dice"]
     assert card["gate"]["unfamiliar_threshold"] == full["gate"]["unfamiliar_threshold"]
 
@@ -283,7 +283,7 @@ def test_bad_datalists_are_refused_before_training_with_every_problem(data, tmp_
 
 
 def test_config_table_in_docs_matches_the_code():
-    doc = (REPO / "docs" / "training.md").read_text()
+    doc = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
     assert config_table_markdown() in doc
     keys = [f.name for f in __import__("dataclasses").fields(TrainConfig)]
     for key in ("method", "steps", "poly_weight_decay", "checkpoint_every", "amp"):
@@ -342,7 +342,7 @@ def test_baselines_joint_with_ipa_oracle_and_separate(data, tmp_path, capsys, on
     p = cli(capsys, "train", "--data", data["a"], data["b"], "--out", tmp_path / "o", "--config", oracle)
     assert p.returncode == 0, p.stderr
     assert "routing: the true domain (oracle)" in p.stderr
-    card = json.loads((tmp_path / "o" / "card.json").read_text())
+    card = json.loads((tmp_path / "o" / "card.json").read_text(encoding="utf-8"))
     assert card["evaluation"]["routing"] == "oracle" and "oracle" in card["gate"]
     assert card["gate"]["routing"] == "argmax" and [d["name"] for d in card["domains"]] == ["synth-t1", "synth-t2"]
 
