@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from uharmony import __version__
-from uharmony.errors import EXIT_CODE_HELP, CancelledError, ExitCode, UHarmonyError
+from uharmony.errors import EXIT_CODE_HELP, ExitCode, UHarmonyError
 from uharmony.progress import MODES, Reporter
 
 EPILOG = "exit codes: " + ", ".join(f"{int(c)} {h}" for c, h in EXIT_CODE_HELP.items())
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _raise_cancelled(signum, frame):
-    raise CancelledError("cancelled (SIGTERM)")
+    # KeyboardInterrupt, not an Exception: no reader's broad `except Exception` may swallow a cancel.
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def _fail(reporter: Reporter, code: int, message: str) -> int:
