@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from uharmony.errors import BadModelError, OutputError
 from uharmony.model.card import CARD_FILE, CARD_FORMAT, WEIGHTS_FILE, load_card, validate_card
 from uharmony.model.network import ArchConfig, UHarmonyNet
-from uharmony.model.registry import publish_permissions, sha256_file, verify_weights
+from uharmony.model.registry import sha256_file, staged_folder, verify_weights
 
 
 # DynUNet keeps every block twice in its state dict: once by name and once inside its recursive
@@ -65,22 +63,15 @@ def save_package(model: UHarmonyNet, card: dict, out_dir: str | os.PathLike, *, 
     if out_dir.exists() and not overwrite:
         raise OutputError("exists already (use --overwrite to replace it)", out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
-        save_file(portable_state_dict(model), str(staging / WEIGHTS_FILE), metadata={"format": "uharmony", "card_format": str(CARD_FORMAT)})
+    with staged_folder(out_dir) as staging:
+        save_file(portable_state_dict(model), str(staging / WEIGHTS_FILE),
+                  metadata={"format": "uharmony", "card_format": str(CARD_FORMAT)})
         card = dict(card)
         card["format"] = CARD_FORMAT
         card["architecture"] = model.config.to_dict()
         card["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(staging / WEIGHTS_FILE)}
         validate_card(card, staging / CARD_FILE)
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-        publish_permissions(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return card
 
 

@@ -11,6 +11,7 @@ Torch-free: the Slicer module lists and adds models without loading a network.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -19,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from uharmony.errors import BadModelError, OutputError
 from uharmony.model.card import CARD_FILE, WEIGHTS_FILE, load_card
@@ -85,6 +87,27 @@ def publish_permissions(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
     for f in folder.iterdir():
         f.chmod(0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def staged_folder(dest: Path, *, public: bool = True) -> Iterator[Path]:
+    """Yield an empty staging folder beside `dest`; on success it replaces `dest` by a rename.
+
+    On any exception (Ctrl-C included) the staging folder is removed and `dest` is left as it was,
+    so a reader never sees a half-written model or checkpoint.
+    """
+    dest = Path(dest)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        yield staging
+        if public:
+            publish_permissions(staging)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _read_trust(root: Path) -> dict:
@@ -185,8 +208,7 @@ def add_model(src: str | os.PathLike, name: str | None = None, *, overwrite: boo
     dest = root / name
     if dest.exists() and not overwrite:
         raise OutputError(f"a model named {name!r} exists already (remove it first, or use --overwrite)", dest)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
-    try:
+    with staged_folder(dest) as staging:
         for f in (CARD_FILE, WEIGHTS_FILE):
             shutil.copy2(src / f, staging / f)
         record = {
@@ -197,13 +219,6 @@ def add_model(src: str | os.PathLike, name: str | None = None, *, overwrite: boo
         }
         if record["weights_sha256"] != card["weights"]["sha256"]:
             raise BadModelError("changed while it was being copied", src)
-        publish_permissions(staging)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     trust = _read_trust(root)
     trust[name] = record
     _write_trust(root, trust)

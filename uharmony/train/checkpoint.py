@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from uharmony.errors import ExitCode, UHarmonyError
 from uharmony.model.package import load_portable_state_dict, portable_state_dict
-from uharmony.model.registry import sha256_file
+from uharmony.model.registry import sha256_file, staged_folder
 
 FORMAT = 1
 LATEST = "latest.json"
@@ -87,8 +87,7 @@ def save_checkpoint(folder: str | os.PathLike, *, step: int, model, optimizer, s
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}-"))
-    try:
+    with staged_folder(folder / name, public=False) as staging:
         save_file(portable_state_dict(model), str(staging / "model.safetensors"))
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, str(staging / "optimizer.safetensors"))
@@ -101,13 +100,6 @@ def save_checkpoint(folder: str | os.PathLike, *, step: int, model, optimizer, s
             "sha256": {f: sha256_file(staging / f) for f in ("model.safetensors", "optimizer.safetensors")},
         }
         _write_json(staging / "state.json", state)
-        final = folder / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     _write_json(folder / LATEST, {"format": FORMAT, "step": int(step), "folder": name})
     for old in folder.iterdir():  # older steps and staging leftovers of a killed run
         if old.name != name and old.name != LATEST and (old.name.startswith("step-") or old.name.startswith(".")):
@@ -115,7 +107,7 @@ def save_checkpoint(folder: str | os.PathLike, *, step: int, model, optimizer, s
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.unlink(missing_ok=True)
-    return final
+    return folder / name
 
 
 def read_checkpoint_state(folder: str | os.PathLike) -> tuple[Path, dict]:
