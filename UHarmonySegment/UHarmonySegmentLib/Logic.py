@@ -15,12 +15,9 @@ ALWAYS deletes afterwards — success, failure or cancel — because it holds pa
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,33 +38,11 @@ from .Library import (
 from .Presentation import normalise_color
 from .ProcessRunner import ProcessRunner
 from .Signal import Signal
+from .TempFolders import make_private_dir, remove_tree
 
 ATTRIBUTE_PREFIX = "UHarmony."
 INPUT_ATTRIBUTE = ATTRIBUTE_PREFIX + "InputVolumeID"
 LOG = logging.getLogger("UHarmony")
-
-# temporary folders of runs still going; removed at interpreter exit if a run was never finished
-_LIVE_TEMP_DIRS: set[str] = set()
-
-
-def _remove_tree(path: str, attempts: int = 20) -> bool:
-    """Delete a folder, retrying briefly (Windows keeps files of a just-ended process locked)."""
-    for attempt in range(attempts):
-        if not os.path.exists(path):
-            return True
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.exists(path):
-            return True
-        time.sleep(0.05 * (attempt + 1))
-    return not os.path.exists(path)
-
-
-@atexit.register
-def _remove_live_temp_dirs() -> None:
-    for path in list(_LIVE_TEMP_DIRS):
-        _remove_tree(path, attempts=3)
-        _LIVE_TEMP_DIRS.discard(path)
-
 
 class SegmentError(RuntimeError):
     """A segmentation that did not succeed (raised by `segment_sync`)."""
@@ -190,9 +165,7 @@ class SegmentLogic:
         self._pending = {"nodes": nodes, "replace": replace, "model": model, "device": device, "domain": domain}
         try:
             self._check_inputs(nodes)
-            task.temp_dir = tempfile.mkdtemp(prefix="uharmony-", dir=self.temp_root)  # 0700
-            _LIVE_TEMP_DIRS.add(task.temp_dir)
-            os.chmod(task.temp_dir, 0o700)
+            task.temp_dir = make_private_dir(self.temp_root)
             in_dir, out_dir = os.path.join(task.temp_dir, "in"), os.path.join(task.temp_dir, "out")
             os.mkdir(in_dir, 0o700)
             os.mkdir(out_dir, 0o700)
@@ -236,36 +209,16 @@ class SegmentLogic:
         for node in nodes:
             if node is None:
                 raise ValueError("an input volume is not selected")
-            if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
-                raise ValueError(f"{node.GetName()}: only scalar (grey-level) volumes can be segmented")
-            if node.GetImageData() is None or node.GetImageData().GetNumberOfPoints() == 0:
-                raise ValueError(f"{node.GetName()}: the volume has no image data")
-            if node.GetImageData().GetNumberOfScalarComponents() != 1:
-                raise ValueError(f"{node.GetName()}: a volume with several components per voxel (colour/vector) "
-                                 "cannot be segmented; give one scalar volume per channel")
-            transform = node.GetParentTransformNode()
-            if transform is not None and not transform.IsTransformToWorldLinear():
-                raise ValueError(
-                    f"{node.GetName()}: the volume is under a non-linear transform; harden it first "
-                    "(Data module: right-click the volume, 'Harden transform') or remove the transform")
+            check_volume_node(node)
 
     def _export_inputs(self, nodes, in_dir: str) -> tuple[list[str], list[str]]:
         """Write each input through a storage node; a transformed one as a hardened copy."""
         paths, notes = [], []
         for index, node in enumerate(nodes):
             path = os.path.join(in_dir, f"input_{index}.nrrd")
-            source = node
+            source = hardened_copy(node)
             transform = node.GetParentTransformNode()
             if transform is not None:
-                # a new node, outside the scene, sharing the voxels: the input node is never modified
-                source = slicer.vtkMRMLScalarVolumeNode()
-                source.SetName(node.GetName())
-                source.SetAndObserveImageData(node.GetImageData())
-                to_world, ijk_to_ras, hardened = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-                transform.GetMatrixTransformToWorld(to_world)
-                node.GetIJKToRASMatrix(ijk_to_ras)
-                vtk.vtkMatrix4x4.Multiply4x4(to_world, ijk_to_ras, hardened)
-                source.SetIJKToRASMatrix(hardened)
                 notes.append(f"{node.GetName()}: its parent transform '{transform.GetName()}' was applied "
                              "(hardened copy); the result is in world coordinates")
             storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
@@ -351,12 +304,9 @@ class SegmentLogic:
 
     def _finish(self, result: SegmentResult) -> None:
         task = self._task
-        if task is not None and task.temp_dir:
-            if not _remove_tree(task.temp_dir):
-                result.warnings.append(f"could not delete the temporary folder {task.temp_dir}")
-                LOG.error("UHarmony: could not delete the temporary folder %s (it may hold patient data)", task.temp_dir)
-            else:
-                _LIVE_TEMP_DIRS.discard(task.temp_dir)
+        if task is not None and task.temp_dir and not remove_tree(task.temp_dir):
+            result.warnings.append(f"could not delete the temporary folder {task.temp_dir}")
+            LOG.error("UHarmony: could not delete the temporary folder %s (it may hold patient data)", task.temp_dir)
         if task is not None:
             task.result = result
         self._pending = {}
@@ -533,6 +483,34 @@ def _without_paths(report: dict) -> dict:
     if isinstance(clean.get("model"), dict):
         clean["model"] = {k: v for k, v in clean["model"].items()}
     return clean
+
+
+def check_volume_node(node, action: str = "segmented") -> None:
+    """Refuse (ValueError, one line naming the volume) what the library cannot take as an image."""
+    if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise ValueError(f"{node.GetName()}: only scalar (grey-level) volumes can be {action}")
+    if node.GetImageData() is None or node.GetImageData().GetNumberOfPoints() == 0:
+        raise ValueError(f"{node.GetName()}: the volume has no image data")
+    if node.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"{node.GetName()}: a volume with several components per voxel (colour/vector) "
+                         f"cannot be {action}; give one scalar volume per channel")
+    transform = node.GetParentTransformNode()
+    if transform is not None and not transform.IsTransformToWorldLinear():
+        raise ValueError(
+            f"{node.GetName()}: the volume is under a non-linear transform; harden it first "
+            "(Data module: right-click the volume, 'Harden transform') or remove the transform")
+
+
+def hardened_copy(node):
+    """`node` itself when it has no parent transform; else a new volume node outside the scene that
+    shares its voxels, with the (linear) transform applied to its IJK-to-RAS. The node is never modified."""
+    if node.GetParentTransformNode() is None:
+        return node
+    source = node.CreateNodeInstance() if node.IsA("vtkMRMLLabelMapVolumeNode") else slicer.vtkMRMLScalarVolumeNode()
+    source.SetName(node.GetName())
+    source.SetAndObserveImageData(node.GetImageData())
+    source.SetIJKToRASMatrix(_world_matrix(node))
+    return source
 
 
 def _world_matrix(node):
