@@ -119,7 +119,21 @@ class qMRMLSegmentationShow3DButton(ctkMenuButton):
 
 
 class ctkPathLineEdit(QtWidgets.QLineEdit):
-    pass
+    """CTK's path editor: `currentPath` is the text; `currentPathChanged` follows it."""
+
+    currentPathChanged = QtCore.Signal(str)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.textChanged.connect(self.currentPathChanged.emit)
+
+    def getCurrentPath(self):
+        return self.text()
+
+    def setCurrentPath(self, path):
+        self.setText(path)
+
+    currentPath = QtCore.Property(str, getCurrentPath, setCurrentPath)
 
 
 class qMRMLSubjectHierarchyComboBox(QtWidgets.QComboBox):

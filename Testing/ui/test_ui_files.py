@@ -19,7 +19,8 @@ from PySide6 import QtCore, QtGui  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path[:0] = [p for p in (HERE, REPO, os.path.join(REPO, "UHarmonySegment")) if p not in sys.path]
+sys.path[:0] = [p for p in (HERE, REPO, os.path.join(REPO, "UHarmonySegment"), os.path.join(REPO, "UHarmonyTrain"))
+                if p not in sys.path]
 
 from placeholders import PLACEHOLDER_NAMES, PLACEHOLDER_NOTE, application, load_ui  # noqa: E402
 from UHarmonySegmentLib import WidgetHelpers  # noqa: E402
@@ -30,6 +31,7 @@ from UHarmonySegmentLib.Presentation import (  # noqa: E402
     model_choices,
     summarize_report,
 )
+from UHarmonyTrainLib import MetricHistory, RoundHistory, TrainWidgetHelpers, chart_geometry  # noqa: E402
 
 MODULES = {
     "UHarmonySegment": os.path.join(REPO, "UHarmonySegment"),
@@ -57,7 +59,8 @@ DEMO_REPORT = {
 def qt_namespace():
     """PySide6's classes under the names the helpers use from PythonQt's flat `qt` module."""
     return SimpleNamespace(Qt=QtCore.Qt, QTableWidgetItem=QtWidgets.QTableWidgetItem, QPixmap=QtGui.QPixmap,
-                           QColor=QtGui.QColor, QIcon=QtGui.QIcon, QHeaderView=QtWidgets.QHeaderView)
+                           QColor=QtGui.QColor, QIcon=QtGui.QIcon, QHeaderView=QtWidgets.QHeaderView,
+                           QPainter=QtGui.QPainter, QPen=QtGui.QPen)
 
 
 def ui_path(module):
@@ -99,6 +102,16 @@ def test_every_ui_name_used_by_the_code_exists(module):
     used = used_ui_names(os.path.join(MODULES[module], f"{module}.py"))
     assert used, "the module uses no self.ui.X at all?"
     assert sorted(used - set(names)) == []
+
+
+def test_train_widget_helpers_only_use_names_of_the_train_ui():
+    names = set(ui_widget_names("UHarmonyTrain"))
+    with open(TrainWidgetHelpers.__file__, encoding="utf-8") as f:
+        source = f.read()
+    used = set(re.findall(r"\bui\.(\w+)", source)) | set(TrainWidgetHelpers.ADAPT_CONTROLS) | set(TrainWidgetHelpers.JOIN_CONTROLS)
+    used |= set(re.findall(r'"(\w+ProgressBar)"', open(os.path.join(MODULES["UHarmonyTrain"], "UHarmonyTrain.py"),
+                                                         encoding="utf-8").read()))
+    assert "adaptProgressBar" in used and sorted(used - names) == []
 
 
 def test_widget_helpers_only_use_names_of_the_segment_ui():
@@ -265,13 +278,114 @@ def test_screenshot_segment(app):
     _save_if_changed(image, os.path.join(SCREENSHOTS, "UHarmonySegment.png"))
 
 
+# what the Train screenshot shows: three cases adapted in 300 steps (made-up numbers)
+DEMO_METRICS = [
+    {"step": 0, "loss": None, "phase": "before", "dice": {"mri-flair": {"grey matter": 0.41, "white matter": 0.62}},
+     "gate_accuracy": {"mri-flair": None}},
+    {"step": 50, "loss": 1.21, "dice": {"mri-flair": {"grey matter": 0.55, "white matter": 0.70}}},
+    {"step": 100, "loss": 0.84, "dice": {"mri-flair": {"grey matter": 0.66, "white matter": 0.77}}},
+    {"step": 150, "loss": 0.67, "dice": {"mri-flair": {"grey matter": 0.71, "white matter": 0.81}}},
+    {"step": 200, "loss": 0.58, "dice": {"mri-flair": {"grey matter": 0.74, "white matter": 0.83}}},
+]
+
+
+class _Node:
+    def __init__(self, name, segments=()):
+        self._name, self._segments = name, list(segments)
+
+    def GetName(self):
+        return self._name
+
+    def GetSegmentation(self):
+        segments = self._segments
+
+        class _Segmentation:
+            def GetNumberOfSegments(self):
+                return len(segments)
+
+            def GetNthSegment(self, i):
+                return _Node(segments[i])
+
+        return _Segmentation()
+
+
+def demo_cases():
+    from UHarmonyTrainLib.Cases import SceneCase
+
+    return [SceneCase(_Node(f"FLAIR case {i}"), _Node(f"FLAIR case {i} labels", ["grey matter", "white matter"]))
+            for i in (1, 2, 3)]
+
+
+def test_helpers_fill_the_train_ui(app):
+    qt = qt_namespace()
+    widget = load_ui(ui_path("UHarmonyTrain"))
+    ui = child_variables(widget)
+    assert ui.tabWidget.count() == 2 and ui.casesTable.columnCount() == 3 and ui.comparisonTable.columnCount() == 5
+    assert ui.caseSegmentationSelector.nodeTypes == ["vtkMRMLSegmentationNode"]
+    TrainWidgetHelpers.fill_cases(qt, ui.casesTable, demo_cases())
+    assert ui.casesTable.rowCount() == 3 and ui.casesTable.item(0, 2).text() == "grey matter, white matter"
+    history = MetricHistory()
+    for event in DEMO_METRICS + [dict(DEMO_METRICS[-1], step=300, phase="after", gate_accuracy={"mri-flair": 1.0})]:
+        history.add(event)
+    TrainWidgetHelpers.fill_comparison(qt, ui.comparisonTable, history.comparison())
+    assert ui.comparisonTable.rowCount() == 3
+    assert [ui.comparisonTable.item(0, c).text() for c in range(5)] == ["mri-flair", "grey matter", "0.410", "0.740", "+0.330"]
+    chart = chart_geometry(history.loss_series(), history.dice_series(), 400, 160, x_max=300)
+    TrainWidgetHelpers.draw_chart(qt, ui.chartLabel, chart)
+    image = ui.chartLabel.pixmap().toImage()
+    assert image.width() == 400
+    # the Dice line is drawn where the geometry says (its colour at the last point)
+    x, y = (int(round(v)) for v in chart.lines[1].points[-1])
+    colour = QtGui.QColor(image.pixel(x, y))
+    assert (colour.red(), colour.green(), colour.blue()) != (255, 255, 255)
+    TrainWidgetHelpers.set_adapt_running(ui, True)
+    assert ui.adaptButton.text() == "Cancel" and not ui.caseVolumeSelector.isEnabled()
+    TrainWidgetHelpers.set_adapt_running(ui, False)
+    assert ui.adaptButton.text() == "Adapt" and ui.stepsSpinBox.isEnabled()
+    TrainWidgetHelpers.show_availability(ui, False, "no 'uharmony fed' yet (issue 5)")
+    assert not ui.joinButton.isEnabled() and not ui.createKeyButton.isEnabled()
+    assert ui.federatedNoticeLabel.text() == "no 'uharmony fed' yet (issue 5)"
+    TrainWidgetHelpers.show_availability(ui, True, "")
+    assert ui.joinButton.isEnabled()
+    rounds = RoundHistory()
+    rounds.add({"round": 1, "total": 10, "sites": 3, "metrics": {"loss": 0.8, "dice": {"grey matter": 0.6}, "gate_accuracy": 0.9}})
+    TrainWidgetHelpers.fill_rounds(qt, ui.roundsTable, rounds.rows)
+    assert ui.roundsTable.item(0, 0).text() == "1/10" and ui.roundsTable.item(0, 3).text() == "0.600"
+    TrainWidgetHelpers.set_join_running(ui, True)
+    assert ui.joinButton.text() == "Leave" and not ui.serverLineEdit.isEnabled()
+    widget.deleteLater()
+
+
 def test_screenshot_train(app):
+    """The Adapt tab after a run (made-up numbers; plain-Qt rendering, not a Slicer screenshot)."""
+    qt = qt_namespace()
     widget = load_ui(ui_path("UHarmonyTrain"))
     ui = child_variables(widget)
     ui.modelFolderLabel.setText("~/.local/share/uharmony/models")
-    frame = _framed(widget, 430)
+    for combo, text in ((ui.caseVolumeSelector, "FLAIR case 3"), (ui.caseSegmentationSelector, "FLAIR case 3 labels")):
+        combo.addItem(text)
+    TrainWidgetHelpers.fill_cases(qt, ui.casesTable, demo_cases())
+    WidgetHelpers.fill_choices(qt, ui.baseModelSelector, model_choices([{"name": "starter", "bundled": True, "trusted": True}]))
+    WidgetHelpers.fill_choices(qt, ui.adaptDeviceSelector, device_choices({"cuda": True, "cuda_name": "NVIDIA RTX 4090",
+                                                                         "mps": False, "auto": "cuda"}))
+    ui.newModalityCheckBox.setChecked(True)
+    ui.domainNameLineEdit.setText("mri-flair")
+    ui.existingDomainSelector.setEnabled(False)
+    ui.classesLabel.setText("Classes: grey matter, white matter")
+    ui.modelNameLineEdit.setText("starter-mri-flair")
+    history = MetricHistory()
+    for event in DEMO_METRICS + [dict(DEMO_METRICS[-1], step=300, loss=0.52, phase="after",
+                                      dice={"mri-flair": {"grey matter": 0.76, "white matter": 0.84}},
+                                      gate_accuracy={"mri-flair": 1.0})]:
+        history.add(event)
+    TrainWidgetHelpers.draw_chart(qt, ui.chartLabel, chart_geometry(history.loss_series(), history.dice_series(),
+                                                                    400, 160, x_max=300))
+    TrainWidgetHelpers.fill_comparison(qt, ui.comparisonTable, history.comparison())
+    TrainWidgetHelpers.show_progress(ui, "adaptProgressBar", "done", 1.0)
+    ui.adaptStatusLabel.setText("Saved as 'starter-mri-flair' in your model folder. Mean Dice mri-flair: 0.515 -> 0.800. (94 s)")
+    ui.casesTable.setMinimumHeight(100)
+    ui.comparisonTable.setMinimumHeight(110)
+    frame = _framed(widget, 450)
     image = frame.grab().toImage()
-    assert _not_blank(image)
-    assert not [b for b in ui.adaptTab.findChildren(QtWidgets.QAbstractButton)]  # nothing pretends to work
-    assert not [b for b in ui.federatedTab.findChildren(QtWidgets.QAbstractButton)]
+    assert image.width() >= 440 and image.height() >= 700 and _not_blank(image)
     _save_if_changed(image, os.path.join(SCREENSHOTS, "UHarmonyTrain.png"))

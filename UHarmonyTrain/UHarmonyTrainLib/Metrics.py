@@ -206,7 +206,7 @@ class Chart:
     lines: list[ChartLine]
     x_range: tuple[float, float]
     loss_max: float | None
-    x_label: str = "step"
+    x_label: str = "steps"
 
     @property
     def empty(self) -> bool:
@@ -227,7 +227,7 @@ def _nice_max(value: float) -> float:
 
 
 def chart_geometry(loss: list[Point], dice: dict[str, list[Point]], width: int, height: int,
-                   x_max: float | None = None, x_label: str = "step", margins=(36, 10, 40, 22)) -> Chart:
+                   x_max: float | None = None, x_label: str = "steps", margins=(36, 10, 40, 22)) -> Chart:
     """Pixel polylines: Dice on 0..1 (left axis), loss on 0..nice(max) (right axis), x from 0 to
     `x_max` (the budget, so the line grows to the right as training goes) or the last point."""
     left, top = margins[0], margins[1]
