@@ -1,0 +1,132 @@
+"""Aggregation rules (DESIGN.md, "Federated learning"): pure numpy, no Flower, unit-tested exactly.
+
+Weights (the same in both modes, and the same as balanced sampling in centralised training): every
+domain present among the accepted updates weighs the same; within a domain, sites weigh by their
+sample count. Then, in mode ``uharmony``:
+
+- shared weights (the backbone outside stage 2): averaged over all sites with those weights;
+- a domain's stage-2 parameters (``...harmony.<domain>.*``) and head (``heads.<domain>.*``): averaged
+  over the sites of that domain only, by sample count; kept as they are when no site of it took part;
+- the gate (``gate.*``): averaged over ALL sites (each site's update carries the negatives the other
+  domains' rows need), with the domain-balanced weights.
+
+Mode ``fedavg`` (the FedGIN paper's setting, for comparison) averages every array over every site
+that sent it, with the same weights.
+
+Screening (`screen`): an update with NaN/Inf is rejected; so is one whose norm (of update = site
+arrays - global arrays) exceeds ``factor`` x the median of accepted update norms so far, and, when
+the round has 3+ finite updates, ``factor`` x the round's median. In the first round (no history)
+the reference is the round's median with 3+ sites, else the norm of the global weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MODES = ("uharmony", "fedavg")
+
+
+@dataclass
+class Update:
+    site: str  # an identifier for logs (Flower node id)
+    domain: str
+    samples: int
+    arrays: dict[str, np.ndarray]
+    norm: float = float("nan")
+    extra: dict = field(default_factory=dict)
+
+
+def domain_of_key(key: str, domains: list[str]) -> str | None:
+    """The domain a key belongs to (stage-2 parameter or head), or None (shared or gate)."""
+    for d in domains:
+        if f".harmony.{d}." in key or key.startswith(f"heads.{d}."):
+            return d
+    return None
+
+
+def balanced_weights(updates: list[Update]) -> list[float]:
+    """Equal weight per domain, by sample count within a domain; sums to 1."""
+    if not updates:
+        return []
+    per_domain: dict[str, int] = {}
+    for u in updates:
+        per_domain[u.domain] = per_domain.get(u.domain, 0) + u.samples
+    n_domains = len(per_domain)
+    return [u.samples / per_domain[u.domain] / n_domains for u in updates]
+
+
+def _average(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    total = sum(weights)
+    acc = np.zeros(arrays[0].shape, np.float64)
+    for a, w in zip(arrays, weights):
+        acc += a.astype(np.float64) * (w / total)
+    return acc.astype(arrays[0].dtype)
+
+
+def aggregate(global_arrays: dict[str, np.ndarray], updates: list[Update], domains: list[str],
+              mode: str = "uharmony") -> dict[str, np.ndarray]:
+    """The new global arrays from the accepted updates (arrays no update carries stay as they are)."""
+    if mode not in MODES:
+        raise ValueError(f"aggregation mode must be one of {MODES}, not {mode!r}")
+    out = dict(global_arrays)
+    if not updates:
+        return out
+    weights = {id(u): w for u, w in zip(updates, balanced_weights(updates))}
+    for key in global_arrays:
+        holders = [u for u in updates if key in u.arrays]
+        if mode == "uharmony":
+            d = domain_of_key(key, domains)
+            if d is not None:
+                holders = [u for u in holders if u.domain == d]
+                if holders:
+                    out[key] = _average([u.arrays[key] for u in holders], [float(u.samples) for u in holders])
+                continue
+        if holders:
+            out[key] = _average([u.arrays[key] for u in holders], [weights[id(u)] for u in holders])
+    return out
+
+
+def norm(arrays: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(a.astype(np.float64)))) for a in arrays.values()
+                         if np.issubdtype(a.dtype, np.floating)))
+
+
+def update_norm(global_arrays: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> float:
+    return norm({k: arrays[k].astype(np.float64) - global_arrays[k].astype(np.float64) for k in arrays})
+
+
+def screen(global_arrays: dict[str, np.ndarray], updates: list[Update], history: list[float], *,
+           factor: float = 10.0) -> tuple[list[Update], list[tuple[Update, str]]]:
+    """Split updates into (accepted, [(rejected, why)]); sets each update's ``norm``."""
+    rejected: list[tuple[Update, str]] = []
+    finite: list[Update] = []
+    for u in updates:
+        bad = next((k for k, a in u.arrays.items() if np.issubdtype(a.dtype, np.floating)
+                    and not np.isfinite(a).all()), None)
+        if bad is not None:
+            rejected.append((u, f"non-finite values (NaN/Inf) in {bad}"))
+            continue
+        u.norm = update_norm(global_arrays, u.arrays)
+        finite.append(u)
+    round_median = float(np.median([u.norm for u in finite])) if finite else float("nan")
+    refs: list[tuple[float, str]] = []
+    if history:
+        refs.append((float(np.median(history)), "the median of accepted update norms so far"))
+        if len(finite) >= 3:
+            refs.append((round_median, "this round's median update norm"))
+    elif len(finite) >= 3:
+        refs.append((round_median, "this round's median update norm (first round)"))
+    else:
+        refs.append((norm(global_arrays), "the global weights' norm (first round, fewer than 3 sites)"))
+    accepted = []
+    for u in finite:
+        why = next((f"update norm {u.norm:.4g} > {factor:g} x {ref:.4g}, {what}" for ref, what in refs
+                    if u.norm > factor * ref), None)
+        if why:
+            rejected.append((u, why))
+        else:
+            accepted.append(u)
+    return accepted, rejected

@@ -1,0 +1,195 @@
+"""The coordinator's ``fed.toml`` (``uharmony fed serve|register --config``): TOML or JSON.
+
+Every key has a default except ``domains``; unknown keys, wrong types and out-of-range values are
+refused before anything starts, one line naming the key (exit 2). Relative paths are relative to the
+config file's folder. README ("Running a federation") and docs/federation.md hold the same table as
+the field comments below (`config_table_markdown`; a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uharmony.errors import ExitCode, UHarmonyError
+from uharmony.fed.aggregate import MODES
+from uharmony.train.config import GateConfig, ModelConfig, _fill
+
+
+@dataclass
+class FedTrainConfig:
+    local_steps: int = 50  # optimiser steps each site trains per round
+    batch_size: int = 2  # patches per step
+    patch_size: list[int] = field(default_factory=lambda: [64] * 3)  # training patch (= inference window), voxels
+    spacing_mm: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])  # model grid spacing
+    fg_prob: float = 0.67  # probability that a patch is centred on a foreground voxel
+    lr: float = 3e-3  # peak learning rate (warm-up then poly decay over rounds x local_steps)
+    weight_decay: float = 1e-5  # AdamW weight decay on conv/linear weights
+    poly_weight_decay: float = 1e-4  # weight of the penalty on stage-2 polynomial gammas (k >= 2)
+    seed: int = 0  # seeds the initial model and (with the domain name) each site's steps
+    gin: bool = True  # GIN augmentation at every site (FedGIN)
+    gin_p: float = 0.5  # probability that a sample is GIN-augmented
+    gate_weight: float = 0.5  # weight of the gate's cross-entropy (0 turns gate training off)
+    amp: bool = True  # fp16 autocast on CUDA sites only
+    eval_cases: int = 4  # at most this many of its validation cases each site evaluates per round
+
+
+@dataclass
+class FedConfig:
+    domains: list[str] = field(default_factory=list)  # REQUIRED: the federation's domains, e.g. ["ct", "mri-t1"]
+    classes: list[str] = field(default_factory=lambda: ["cerebrospinal fluid", "grey matter", "white matter",
+                                                        "lesion"])  # foreground class names (union label space)
+    channels: list[str] = field(default_factory=lambda: ["image"])  # input channel names (one file each)
+    name: str = "uharmony-federated"  # the global model's name (its card's name)
+    address: str = "0.0.0.0:9092"  # HOST:PORT the SuperLink listens on (sites, flwr CLI and ServerApp)
+    out: str = "federation"  # folder for the global model, round log and the SuperLink's state
+    ca_cert: str = "keys/ca.crt"  # CA certificate (from `uharmony fed keys ca`)
+    server_cert: str = "keys/server.crt"  # the SuperLink's TLS certificate
+    server_key: str = "keys/server.key"  # its private key
+    insecure: bool = False  # no TLS, no site authentication: only when every end is on loopback
+    rounds: int = 10  # federated rounds (a restarted coordinator continues up to this many)
+    min_sites: int = 2  # sites needed to start a round (and to aggregate one)
+    round_timeout_s: float = 900.0  # how long a phase (train, evaluate) waits for replies
+    deadline_s: float = 86400.0  # the whole run is stopped (and why is said) after this many seconds
+    aggregation: str = "uharmony"  # uharmony (per-domain stage 2 + heads) or fedavg (plain model, all averaged)
+    reject_factor: float = 10.0  # reject updates whose norm exceeds this x the median of accepted norms
+    evaluate: bool = True  # sites evaluate the new global model on their own cases every round
+    train: FedTrainConfig = field(default_factory=FedTrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    # resolved at load time (not keys of the file)
+    base: Path = field(default=Path("."), repr=False, compare=False)
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base / p).resolve()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("base", None)
+        return d
+
+
+def _fail(msg: str, where) -> None:
+    raise UHarmonyError(msg, where, code=ExitCode.USAGE)
+
+
+def _validate(c: FedConfig, where) -> None:
+    from uharmony.fed.flower import split_address
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            _fail(f"key {key!r} {what}", where)
+
+    need(bool(c.domains), "domains", "is required: the federation's domain names, e.g. domains = [\"ct\", \"mri\"]")
+    need(len(set(c.domains)) == len(c.domains), "domains", "must not repeat a name")
+    import re
+
+    need(all(re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", d) for d in c.domains), "domains",
+         "must be names of letters, digits, '_' and '-'")
+    need(bool(c.classes) and len({x.casefold() for x in c.classes}) == len(c.classes), "classes",
+         "must be unique class names")
+    need(bool(c.channels), "channels", "must name at least one channel")
+    need(bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", c.name)), "name", "must be letters, digits, '.', '_', '-'")
+    try:
+        split_address(c.address, "address")
+    except UHarmonyError as e:
+        _fail(f"key 'address': {e.message}", where)
+    need(c.rounds >= 1, "rounds", "must be >= 1")
+    need(c.min_sites >= 1, "min_sites", "must be >= 1")
+    need(c.round_timeout_s > 0, "round_timeout_s", "must be > 0")
+    need(c.deadline_s > 0, "deadline_s", "must be > 0")
+    need(c.aggregation in MODES, "aggregation", f"must be one of {', '.join(MODES)}")
+    need(c.reject_factor > 1, "reject_factor", "must be > 1")
+    t = c.train
+    need(t.local_steps >= 1, "train.local_steps", "must be >= 1")
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(len(t.patch_size) == 3 and all(s >= 4 for s in t.patch_size), "train.patch_size", "must be 3 sizes >= 4")
+    need(len(t.spacing_mm) == 3 and all(0.05 <= s <= 20 for s in t.spacing_mm), "train.spacing_mm",
+         "must be 3 spacings between 0.05 and 20 mm")
+    need(0 <= t.fg_prob <= 1, "train.fg_prob", "must be in [0, 1]")
+    need(t.lr > 0, "train.lr", "must be > 0")
+    need(t.weight_decay >= 0 and t.poly_weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(t.seed >= 0, "train.seed", "must be >= 0")
+    need(0 <= t.gin_p <= 1, "train.gin_p", "must be in [0, 1]")
+    need(t.gate_weight >= 0, "train.gate_weight", "must be >= 0")
+    need(t.eval_cases >= 1, "train.eval_cases", "must be >= 1")
+    m = c.model
+    need(len(m.filters) == len(m.strides) >= 3, "model.filters", "must have as many entries as model.strides (>= 3)")
+    need(m.strides[0] == 1 and all(s in (1, 2) for s in m.strides), "model.strides", "must be 1 or 2, the first 1")
+    need(0 <= m.harmony_levels <= len(m.strides), "model.harmony_levels", f"must be in 0..{len(m.strides)}")
+    need(m.poly_degree >= 1, "model.poly_degree", "must be >= 1")
+    factor = 1
+    for s in m.strides:
+        factor *= s
+    need(all(p % factor == 0 for p in t.patch_size), "train.patch_size",
+         f"must be divisible by the network's total stride {factor}")
+    need(len(c.gate.input_size) == 3 and all(s >= 4 for s in c.gate.input_size), "gate.input_size",
+         "must be 3 sizes >= 4")
+    need(len(c.gate.filters) >= 2, "gate.filters", "must be >= 2 channel counts")
+
+
+def load_fed_config(path: str | Path) -> FedConfig:
+    where = str(path)
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        _fail("config file does not exist", where)
+    except OSError as e:
+        _fail(f"config file cannot be read ({e.strerror or e})", where)
+    try:
+        if p.suffix.lower() == ".json":
+            values = json.loads(raw.decode("utf-8"))
+        else:
+            import tomllib
+
+            values = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        _fail(f"is not valid {'JSON' if p.suffix.lower() == '.json' else 'TOML'} ({' '.join(str(e).split())})", where)
+    if not isinstance(values, dict):
+        _fail("a config must be a table/object of settings", where)
+    if "base" in values:
+        _fail("unknown key 'base'", where)
+    config = _fill(FedConfig, values, "", where, set())
+    config.base = p.resolve().parent
+    _validate(config, where)
+    return config
+
+
+def _doc_rows() -> list[tuple[str, str, str]]:
+    import inspect
+
+    rows = []
+
+    def walk(cls, prefix):
+        comments = {}
+        for line in inspect.getsource(cls).splitlines():
+            s = line.strip()
+            if ":" in s and "#" in s and not s.startswith("#"):
+                comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
+        obj = cls()
+        for f in dataclasses.fields(cls):
+            if f.name == "base":
+                continue
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.")
+            else:
+                rows.append((prefix + f.name, json.dumps(value), comments.get(f.name, "")))
+
+    walk(FedConfig, "")
+    return rows
+
+
+def config_table_markdown() -> str:
+    """The fed.toml key table of README/docs (a test keeps them equal)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, meaning in _doc_rows():
+        if key.startswith(("model.", "gate.")):
+            meaning = meaning or "as in docs/training.md"
+        lines.append(f"| `{key}` | `{default}` | {meaning} |")
+    return "\n".join(lines)

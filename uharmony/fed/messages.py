@@ -1,0 +1,136 @@
+"""What travels between the coordinator and a site, and the whitelist of what may leave a site.
+
+A site's train reply is a RecordDict with exactly three records:
+
+- ``arrays`` (ArrayRecord): the parameters the site trained, with the global model's names, shapes and
+  dtype: everything except other domains' stage-2 parameters (``...harmony.<other>.*``) and heads
+  (``heads.<other>.*``) and the gate's calibration statistics (`site_keys`);
+- ``metrics`` (MetricRecord): ``num-examples`` (the site's training-case count) and the whitelisted
+  scalars `METRIC_KEYS`: ``loss``, ``gate-accuracy``, ``dice/<class name>`` for the federation's classes;
+- ``site`` (ConfigRecord): ``domain``, the site's domain name.
+
+An evaluate reply has ``metrics`` and ``site`` only. `check_reply` refuses anything else: another record,
+key, name, shape, dtype, a non-finite number, a string anywhere but the domain. The coordinator runs it
+on every reply before aggregation; a test runs it on what a real ClientApp returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+SITE_RECORD = "site"
+ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
+SAMPLES = "num-examples"
+SCALAR_METRICS = ("loss", "gate-accuracy")
+DICE_PREFIX = "dice/"
+
+
+def site_keys(all_keys, domains: list[str], domain: str) -> list[str]:
+    """The names a site of `domain` sends: all but other domains' stage-2/heads and gate calibration."""
+    others = [d for d in domains if d != domain]
+    out = []
+    for k in all_keys:
+        if k.startswith("gate.calibration."):
+            continue
+        if any(f".harmony.{o}." in k or k.startswith(f"heads.{o}.") for o in others):
+            continue
+        out.append(k)
+    return out
+
+
+def metric_keys(classes: list[str]) -> set[str]:
+    """Allowed MetricRecord keys: the sample count, loss, gate accuracy, Dice per (foreground) class name."""
+    return {SAMPLES, *SCALAR_METRICS, *(DICE_PREFIX + c for c in classes)}
+
+
+def to_arrays(tensors: dict) -> ArrayRecord:  # noqa: F821
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v))
+                        for k, v in tensors.items()})
+
+
+def from_arrays(record) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def metrics_record(samples: int, metrics: dict, classes: list[str]):
+    """A MetricRecord from {"loss": x, "gate_accuracy": y, "dice": {class: v}}; None values are left out."""
+    from flwr.app import MetricRecord
+
+    out: dict = {SAMPLES: int(samples)}
+    if metrics.get("loss") is not None:
+        out["loss"] = float(metrics["loss"])
+    if metrics.get("gate_accuracy") is not None:
+        out["gate-accuracy"] = float(metrics["gate_accuracy"])
+    for name, v in (metrics.get("dice") or {}).items():
+        if v is not None and name in classes:
+            out[DICE_PREFIX + name] = float(v)
+    return MetricRecord(out)
+
+
+def metrics_dict(record) -> dict:
+    """MetricRecord -> {"samples", "loss", "gate_accuracy", "dice": {...}} (the protocol's shape)."""
+    out: dict = {"dice": {}}
+    for k, v in record.items():
+        if k == SAMPLES:
+            out["samples"] = int(v)
+        elif k == "gate-accuracy":
+            out["gate_accuracy"] = float(v)
+        elif k.startswith(DICE_PREFIX):
+            out["dice"][k[len(DICE_PREFIX):]] = float(v)
+        else:
+            out[k] = float(v)
+    return out
+
+
+def check_reply(content, *, kind: str, expected: dict[str, tuple], domains: list[str], classes: list[str]) -> str:
+    """Check a reply's RecordDict against the whitelist; returns the site's domain or raises ValueError.
+
+    ``expected``: global name -> (shape, dtype str) of every array; a site must send exactly
+    `site_keys` of its domain (for kind "train"); kind "evaluate" carries no arrays.
+    """
+    names = set(content.keys())
+    allowed = {METRICS, SITE_RECORD} | ({ARRAYS} if kind == "train" else set())
+    if names != allowed:
+        raise ValueError(f"records {sorted(names)} instead of {sorted(allowed)}")
+    site = content[SITE_RECORD]
+    if type(site).__name__ != "ConfigRecord" or set(site.keys()) != {"domain"}:
+        raise ValueError(f"record 'site' must be a ConfigRecord with only 'domain', not {sorted(site.keys())}")
+    domain = site["domain"]
+    if not isinstance(domain, str) or domain not in domains:
+        raise ValueError(f"domain {str(domain)[:40]!r} is not one of the federation's {domains}")
+    metrics = content[METRICS]
+    if type(metrics).__name__ != "MetricRecord":
+        raise ValueError("record 'metrics' is not a MetricRecord")
+    extra = set(metrics.keys()) - metric_keys(classes)
+    if extra:
+        raise ValueError(f"metric(s) outside the whitelist: {sorted(extra)[:3]}")
+    if SAMPLES not in metrics or not isinstance(metrics[SAMPLES], int) or metrics[SAMPLES] < 1:
+        raise ValueError(f"'{SAMPLES}' must be a positive integer")
+    for k, v in metrics.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(float(v)):
+            raise ValueError(f"metric {k!r} must be one finite number")
+    if kind == "train":
+        arrays = content[ARRAYS]
+        if type(arrays).__name__ != "ArrayRecord":
+            raise ValueError("record 'arrays' is not an ArrayRecord")
+        want = site_keys(list(expected), domains, domain)
+        got = list(arrays.keys())
+        missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        if missing or unexpected:
+            raise ValueError(f"array names differ from a {domain} site's: {len(missing)} missing "
+                             f"({missing[:1]}), {len(unexpected)} unexpected ({unexpected[:1]})")
+        for k in want:
+            a = arrays[k]
+            shape, dtype = expected[k]
+            if tuple(a.shape) != tuple(shape) or str(a.dtype) != dtype:
+                raise ValueError(f"array {k} is {a.dtype}{tuple(a.shape)}, expected {dtype}{tuple(shape)}")
+    return domain
+
+
+def encode_json(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,315 @@
+"""The coordinator's ServerApp: the U-Harmony strategy over Flower's FedAvg loop.
+
+Runs inside the ``flwr-serverapp`` process the SuperLink starts for a run; `uharmony fed serve` passes
+everything in the run config key ``settings`` (JSON). Per round: wait for ``min_sites`` connected
+sites (writing why it waits to ``status.json``), send the global arrays, check every reply against
+the whitelist (`messages.check_reply`), screen and aggregate (`aggregate`), let the sites that
+answered evaluate the new model, then write the global model package (``global-model/``, and a copy
+in ``rounds/NNNN/``) and one line of the round log (``rounds.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from uharmony.fed import aggregate as A
+from uharmony.fed import messages as M
+
+app = ServerApp()
+ROUND_LOG = "rounds.jsonl"
+STATUS = "status.json"
+GLOBAL = "global-model"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, entry: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def arch_of(s: dict) -> dict:
+    from uharmony.model.network import ArchConfig
+
+    joint = s["aggregation"] == "fedavg"
+    return ArchConfig(in_channels=len(s["channels"]), num_classes=1 + len(s["classes"]),
+                      domains=["joint"] if joint else list(s["domains"]), filters=list(s["model"]["filters"]),
+                      strides=list(s["model"]["strides"]),
+                      harmony_levels=0 if joint else s["model"]["harmony_levels"],
+                      poly_degree=s["model"]["poly_degree"], clamp=s["model"]["clamp"],
+                      gate_input_size=list(s["gate"]["input_size"]), gate_filters=list(s["gate"]["filters"])).to_dict()
+
+
+def initial_model(s: dict):
+    """The run's starting model: the last global model written (after a restart) or a fresh one."""
+    import torch
+
+    from uharmony.errors import BadModelError
+    from uharmony.model.network import ArchConfig, UHarmonyNet
+    from uharmony.model.package import load_model
+
+    arch = arch_of(s)
+    if s.get("resume_from"):
+        model, card = load_model(s["resume_from"])
+        if card["architecture"] != arch:
+            raise BadModelError("the last global model's architecture differs from fed.toml's; move the out folder "
+                                "away to start a new federation", s["resume_from"])
+        return model
+    torch.manual_seed(int(s["train"]["seed"]))
+    return UHarmonyNet(ArchConfig.from_dict(arch))
+
+
+def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
+    from uharmony import __version__
+    from uharmony.data.preprocess import DEFAULT_NORMALIZATION
+    from uharmony.train.trainer import OVERLAP, class_table
+
+    union = ["background", *s["classes"]]
+    modality = "+".join(s["channels"])
+    return {
+        "name": s["name"], "version": f"0.{round_no}.0",
+        "description": f"U-Harmony model trained by federated learning (FedGIN, {s['aggregation']} aggregation), "
+                       f"round {round_no} of {s['rounds']}",
+        "input": {"channels": [{"name": c} for c in s["channels"]], "normalization": dict(DEFAULT_NORMALIZATION),
+                  "spacing_mm": list(s["train"]["spacing_mm"]), "orientation": "RAS",
+                  "patch_size": list(s["train"]["patch_size"]), "overlap": OVERLAP, "sw_batch_size": 1},
+        "domains": [{"name": d, "modality": modality, "description": "trained at the federation's sites of this domain",
+                     "annotated_classes": list(s["classes"])} for d in arch["domains"]],
+        "classes": class_table(union),
+        "gate": {"unfamiliar_threshold": 1e6, "routing": "argmax",
+                 "calibration": {"note": "not calibrated: no site data reaches the coordinator"}},
+        "intended_use": "Research. A federated model; validate it on your own data before relying on it. "
+                        "Not a medical device.",
+        "limitations": ["The unfamiliar-input flag is not calibrated for federated models (it never fires).",
+                        "Only as good as the sites' data: " + ", ".join(s["domains"])],
+        "training": {"method": f"federated-{s['aggregation']}", "round": round_no, "rounds": s["rounds"],
+                     "local_steps": s["train"]["local_steps"], "gin": s["train"]["gin"],
+                     "participants": [{"domain": p["domain"], "samples": p["samples"]}
+                                      for p in entry["participants"] if p.get("accepted")],
+                     "uharmony_version": __version__, "domains": list(s["domains"])},
+        "evaluation": {"routing": "joint" if s["aggregation"] == "fedavg" else "auto", "split": "site validation",
+                       "dice": {d: v.get("dice", {}) for d, v in entry["domains"].items()},
+                       "gate_accuracy": {d: v.get("gate_accuracy") for d, v in entry["domains"].items()}},
+    }
+
+
+class UHarmonyStrategy(FedAvg):
+    """FedAvg's round loop with U-Harmony's aggregation, screening, per-round packages and log."""
+
+    def __init__(self, s: dict, model):
+        from uharmony.model.package import portable_state_dict
+
+        n = int(s["min_sites"])
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if s["evaluate"] else 0.0, min_train_nodes=n,
+                         min_evaluate_nodes=1, min_available_nodes=n)
+        self.s, self.model = s, model
+        self.out = Path(s["out"])
+        self.arch = arch_of(s)
+        self.domains = list(self.arch["domains"])
+        self.classes = ["background", *s["classes"]]
+        self.global_np = {k: v.numpy() for k, v in portable_state_dict(model).items()}
+        self.expected = {k: (v.shape, str(v.dtype)) for k, v in self.global_np.items()}
+        self.history: list[float] = list(s.get("history", []))
+        self.offset = int(s.get("start_round", 1)) - 1
+        self.entry: dict = {}
+        self.responders: list[int] = []
+        self.t_round = time.time()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def status(self, **fields) -> None:
+        write_json_atomic(self.out / STATUS, {"time": time.time(), **fields})
+
+    def wait_for_sites(self, grid: Grid, round_no: int) -> list[int]:
+        need = int(self.s["min_sites"])
+        while True:
+            nodes = list(grid.get_node_ids())
+            if len(nodes) >= need:
+                return nodes
+            self.status(state="waiting", round=round_no, connected=len(nodes), needed=need)
+            time.sleep(1.0)
+
+    def round_config(self, round_no: int, sites: int) -> ConfigRecord:
+        t = dict(self.s["train"], joint=self.s["aggregation"] == "fedavg")
+        return ConfigRecord({"global-round": round_no, "num-rounds": int(self.s["rounds"]), "num-sites": sites,
+                             "arch": M.encode_json(self.arch), "classes": M.encode_json(self.classes),
+                             "train": M.encode_json(t)})
+
+    # -- training ----------------------------------------------------------------------------
+    def configure_train(self, server_round, arrays, config, grid):
+        round_no = self.offset + server_round
+        nodes = self.wait_for_sites(grid, round_no)
+        self.t_round = time.time()
+        self.status(state="training", round=round_no, connected=len(nodes), needed=int(self.s["min_sites"]))
+        self.entry = {"round": round_no, "run_round": server_round, "sent_to": len(nodes), "participants": [],
+                      "rejected": [], "failures": [],
+                      "bytes": {"down_per_site": int(sum(a.nbytes for a in self.global_np.values()))}}
+        self.sent = nodes
+        record = RecordDict({M.ARRAYS: arrays, M.CONFIG: self.round_config(round_no, len(nodes))})
+        return self._construct_messages(record, nodes, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        e = self.entry
+        e["seconds"] = {"train_phase": round(time.time() - self.t_round, 2)}
+        updates: list[A.Update] = []
+        answered = set()
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            answered.add(node)
+            if msg.has_error():
+                e["failures"].append({"site": str(node), "reason": str(msg.error.reason)[:500]})
+                continue
+            try:
+                domain = M.check_reply(msg.content, kind="train", expected=self.expected, domains=self.domains,
+                                       classes=self.classes[1:])
+            except ValueError as err:
+                e["rejected"].append({"site": str(node), "reason": f"message outside the whitelist: {err}"})
+                continue
+            metrics = M.metrics_dict(msg.content[M.METRICS])
+            arrays = M.from_arrays(msg.content[M.ARRAYS])
+            updates.append(A.Update(site=str(node), domain=domain, samples=metrics["samples"], arrays=arrays,
+                                    extra={"train": metrics, "bytes_up": int(sum(a.nbytes for a in arrays.values()))}))
+        for node in self.sent:
+            if node not in answered:
+                e["failures"].append({"site": str(node), "reason": f"no reply within {self.s['round_timeout_s']:g} s"})
+        accepted, rejected = A.screen(self.global_np, updates, self.history, factor=float(self.s["reject_factor"]))
+        for u, why in rejected:
+            e["rejected"].append({"site": u.site, "domain": u.domain, "reason": why})
+        for u in updates:
+            e["participants"].append({"site": u.site, "domain": u.domain, "samples": u.samples,
+                                      "accepted": any(u is a for a in accepted),
+                                      "update_norm": None if not np.isfinite(u.norm) else round(u.norm, 6),
+                                      "bytes_up": u.extra["bytes_up"], "train": u.extra["train"]})
+        self.responders = [int(u.site) for u in updates]
+        e["aggregated"] = len(accepted) >= int(self.s["min_sites"])
+        if e["aggregated"]:
+            self.global_np = A.aggregate(self.global_np, accepted, self.domains, self.s["aggregation"])
+            self.history += [u.norm for u in accepted]
+        else:
+            e["not_aggregated_because"] = (f"{len(accepted)} accepted update(s), fewer than min_sites = "
+                                           f"{self.s['min_sites']}; the global model is unchanged")
+        losses = [u.extra["train"].get("loss") for u in accepted if u.extra["train"].get("loss") is not None]
+        metrics = MetricRecord({"loss": float(np.mean(losses))}) if losses else None
+        return M.to_arrays(self.global_np), metrics
+
+    # -- evaluation --------------------------------------------------------------------------
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        if not self.s["evaluate"] or not self.responders:
+            return []
+        self.t_eval = time.time()
+        self.status(state="evaluating", round=self.offset + server_round)
+        record = RecordDict({M.ARRAYS: arrays, M.CONFIG: self.round_config(self.offset + server_round,
+                                                                             len(self.responders))})
+        return self._construct_messages(record, self.responders, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round, replies):
+        e = self.entry
+        e["seconds"]["evaluate_phase"] = round(time.time() - self.t_eval, 2)
+        by_site = {p["site"]: p for p in e["participants"]}
+        for msg in replies:
+            node = str(int(msg.metadata.src_node_id))
+            if msg.has_error():
+                e["failures"].append({"site": node, "phase": "evaluate", "reason": str(msg.error.reason)[:500]})
+                continue
+            try:
+                M.check_reply(msg.content, kind="evaluate", expected=self.expected, domains=self.domains,
+                              classes=self.classes[1:])
+            except ValueError as err:
+                e["rejected"].append({"site": node, "phase": "evaluate", "reason": f"message outside the whitelist: {err}"})
+                continue
+            if node in by_site:
+                by_site[node]["evaluate"] = M.metrics_dict(msg.content[M.METRICS])
+
+    # -- after each round: package + log ---------------------------------------------------
+    def after_round(self, server_round: int, arrays: ArrayRecord):
+        if server_round == 0:
+            return
+        import torch
+
+        from uharmony.model.package import load_portable_state_dict, save_package
+        from uharmony.model.registry import sha256_file
+
+        e = self.entry
+        round_no = self.offset + server_round
+        e["domains"] = domain_summary(e["participants"])
+        e["metrics"] = overall(e["domains"])
+        e["seconds"]["round"] = round(time.time() - self.t_round, 2)
+        e["accepted_norms"] = [round(x, 6) for x in self.history]
+        load_portable_state_dict(self.model, {k: torch.from_numpy(v.copy()) for k, v in self.global_np.items()})
+        card = make_card(self.s, self.arch, round_no, e)
+        (self.out / "rounds").mkdir(parents=True, exist_ok=True)
+        save_package(self.model, card, self.out / "rounds" / f"{round_no:04d}", overwrite=True)
+        save_package(self.model, card, self.out / GLOBAL, overwrite=True)
+        e["model"] = GLOBAL
+        e["model_sha256"] = sha256_file(self.out / GLOBAL / "model.safetensors")
+        e["time"] = time.time()
+        append_jsonl(self.out / ROUND_LOG, e)
+        self.status(state="round-done", round=round_no)
+        return
+
+
+def domain_summary(participants: list[dict]) -> dict:
+    """Per domain: sites, samples, mean train loss, mean Dice per class and gate accuracy (sites equal)."""
+    out: dict = {}
+    for p in participants:
+        d = out.setdefault(p["domain"], {"sites": 0, "samples": 0, "_loss": [], "_dice": {}, "_gate": []})
+        d["sites"] += 1
+        d["samples"] += p["samples"]
+        if p.get("accepted") and p["train"].get("loss") is not None:
+            d["_loss"].append(p["train"]["loss"])
+        ev = p.get("evaluate") or {}
+        for c, v in ev.get("dice", {}).items():
+            d["_dice"].setdefault(c, []).append(v)
+        if ev.get("gate_accuracy") is not None:
+            d["_gate"].append(ev["gate_accuracy"])
+    for d in out.values():
+        d["loss"] = round(float(np.mean(d.pop("_loss"))), 5) if d["_loss"] else None
+        d["dice"] = {c: round(float(np.mean(v)), 4) for c, v in d.pop("_dice").items()}
+        g = d.pop("_gate")
+        d["gate_accuracy"] = round(float(np.mean(g)), 4) if g else None
+    return out
+
+
+def overall(domains: dict) -> dict:
+    """The round's metrics, each domain weighing the same."""
+    losses = [d["loss"] for d in domains.values() if d["loss"] is not None]
+    dice: dict[str, list[float]] = {}
+    for d in domains.values():
+        for c, v in d["dice"].items():
+            dice.setdefault(c, []).append(v)
+    gates = [d["gate_accuracy"] for d in domains.values() if d["gate_accuracy"] is not None]
+    return {"loss": round(float(np.mean(losses)), 5) if losses else None,
+            "dice": {c: round(float(np.mean(v)), 4) for c, v in dice.items()},
+            "gate_accuracy": round(float(np.mean(gates)), 4) if gates else None}
+
+
+@app.main()
+def main(grid: Grid, context) -> None:
+    s = json.loads(str(context.run_config["settings"]))
+    model = initial_model(s)
+    strategy = UHarmonyStrategy(s, model)
+    start = int(s.get("start_round", 1))
+    strategy.status(state="starting", round=start)
+    strategy.start(grid=grid, initial_arrays=M.to_arrays(strategy.global_np), num_rounds=int(s["rounds"]) - start + 1,
+                   timeout=float(s["round_timeout_s"]), evaluate_fn=strategy.after_round)
+    strategy.status(state="finished", round=int(s["rounds"]))
