@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and a stale checkpoint) if it exists")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"), help="overrides the config's device")
     _add_progress(p)
+
+    from uharmony.fed.cli import add_fed_parser
+
+    add_fed_parser(sub, EPILOG)
     return parser
 
 
@@ -168,6 +172,10 @@ def _dispatch(args, reporter: Reporter) -> int:
         return run_demo(Path(args.out), device=args.device, reporter=reporter)
     if args.command in ("train", "adapt"):
         return _train(args, reporter)
+    if args.command == "fed":
+        from uharmony.fed.cli import run_fed
+
+        return run_fed(args, reporter)
     if args.command == "bench":
         if args.bench_command == "segment":
             from uharmony.bench.segment import run_bench_segment
