@@ -166,8 +166,8 @@ def _validate(c: TrainConfig, where) -> None:
     need(0.0 <= c.augment.gin_p <= 1.0, "augment.gin_p", "must be in [0, 1]")
     need(c.augment.ipa_weight >= 0, "augment.ipa_weight", "must be >= 0")
     m = c.model
-    need(len(m.filters) == len(m.strides) >= 2, "model.filters",
-         f"must have as many entries as model.strides (>= 2); got {len(m.filters)} and {len(m.strides)}")
+    need(len(m.filters) == len(m.strides) >= 3, "model.filters",
+         f"must have as many entries as model.strides (>= 3, as DynUNet needs); got {len(m.filters)} and {len(m.strides)}")
     need(all(f >= 1 for f in m.filters), "model.filters", "must be positive")
     need(m.strides[0] == 1 and all(s in (1, 2) for s in m.strides), "model.strides", "must be 1 or 2, the first 1")
     need(0 <= m.harmony_levels <= len(m.strides), "model.harmony_levels", f"must be in 0..{len(m.strides)}")

@@ -1,0 +1,253 @@
+"""`uharmony bench generalize`: U-Harmony vs its baselines across modalities, and on a style never seen.
+
+Data: atlas-based heads (`uharmony.data.heads`, seeds from 100000, distinct from the default model's)
+rendered as three training domains (mri-t1, mri-t2, ct) and one held-back style (mri-flair). Every
+method is trained with the same reduced budget (3 mm grid, 32^3 patches, a small 4-level DynUNet) and
+evaluated on the same validation cases:
+
+==============  ===========================================================================
+uharmony        U-Harmony layers + per-domain heads + gate; evaluated routed by the gate
+oracle          the same network, told the true domain at evaluation (as in the paper)
+joint           one plain network (InstanceNorm, one head) on all domains
+separate        one plain network per domain, each with a third of the steps (equal total
+                compute); on the unseen style the three are averaged
+==============  ===========================================================================
+
+each with and without GIN. Then the adaptation target: the uharmony+GIN model adapted with 4 labelled
+cases of the unseen style (replaying the old domains) against a uharmony+GIN model trained with that
+style from the start (with 4/3 of the steps, so every domain sees as many patches as before).
+
+Scores: mean Dice of CSF, grey and white matter per case, averaged over cases; mean ± sd over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uharmony.data import heads
+
+CLASSES = ("cerebrospinal fluid", "grey matter", "white matter")
+BENCH_SEED = 100000
+ADAPT_CASES = 4
+
+
+def budget(steps: int, quick: bool) -> dict:
+    """The config shared by every run (`uharmony train --config` keys)."""
+    if quick:  # smoke test: seconds, not meaningful
+        return {"steps": steps, "batch_size": 2, "patch_size": [16, 16, 16], "spacing_mm": [6.0] * 3,
+                "val_every": 0, "val_cases": 1, "checkpoint_every": 0, "device": "cpu", "lr": 3e-3,
+                "model": {"filters": [4, 8, 8], "strides": [1, 2, 2]},
+                "gate": {"input_size": [8, 8, 8], "filters": [4, 8]}}
+    return {"steps": steps, "batch_size": 2, "patch_size": [32, 32, 32], "spacing_mm": [3.0] * 3,
+            "val_every": 0, "val_cases": 4, "checkpoint_every": 0, "device": "cpu", "lr": 3e-3, "fg_prob": 0.8,
+            "model": {"filters": [8, 16, 32, 64], "strides": [1, 2, 2, 2], "harmony_levels": 2},
+            "gate": {"input_size": [24, 24, 24], "filters": [8, 16, 32]}}
+
+
+def make_data(work: Path, *, train: int, val: int, spacing: float) -> dict[str, Path]:
+    """Datalists per domain (cached in `work/data-<spacing>mm`), plus `adapt`: the first ADAPT_CASES flair cases.
+
+    Rendered directly on the model grid: loading then costs no resampling, which matters with ~40 runs.
+    """
+    from tqdm import tqdm
+
+    atlas = heads.build_atlas()
+    out: dict[str, Path] = {}
+    doms = [*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN]
+    bar = tqdm(total=len(doms) * (train + val), desc="data", file=sys.stderr)
+    for d in doms:
+        out[d] = heads.write_dataset(work / f"data-{spacing:g}mm", d, n_train=train, n_val=val,
+                                     base_seed=BENCH_SEED, spacing=spacing, atlas=atlas, progress=lambda *_: bar.update(1))
+    bar.close()
+    full = json.loads(out[heads.BENCH_UNSEEN_DOMAIN].read_text())
+    full["name"] += "-adapt"
+    full["training"] = full["training"][:ADAPT_CASES]
+    p = out[heads.BENCH_UNSEEN_DOMAIN].with_name("adapt.json")
+    p.write_text(json.dumps(full, indent=1))
+    out["adapt"] = p
+    return out
+
+
+def _score(dice: dict) -> float | None:
+    v = [dice.get(c) for c in CLASSES]
+    v = [x for x in v if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def _evaluator(data: dict[str, Path], spacing, gate_view):
+    """A function (model, mode) -> {domain: score}, with the validation cases prepared once."""
+    from uharmony.data.datalist import union_label_space
+    from uharmony.progress import Reporter
+    from uharmony.train.data import load_datasets
+    from uharmony.train.trainer import evaluate, prepare_items
+
+    doms = [*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN]
+    datasets = load_datasets([data[d] for d in doms])
+    union, maps = union_label_space(datasets)
+    items = prepare_items(datasets, maps, union, spacing, gate_view, Reporter("none"), split="validation")
+    by_dom: dict[str, list] = {}
+    for it in items:
+        by_dom.setdefault(it.domain, []).append(it)
+
+    def run(model, mode: str, patch, only=None) -> dict[str, dict]:
+        sets = {d: v for d, v in by_dom.items() if only is None or d in only}
+        res = evaluate(model, sets, union, mode=mode, patch=patch, device=torch.device("cpu"))
+        return {d: {"score": _score(res["dice"][d]), "dice": res["dice"][d], "gate": res["gate_accuracy"][d]}
+                for d in res["dice"]}
+    return run
+
+
+def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 300, train_cases: int = 12,
+                         val_cases: int = 4, quick: bool = False, json_path: str | None = None,
+                         methods=("uharmony", "joint", "separate"), adapt: bool = True) -> int:
+    from uharmony.data.sources import cache_root
+    from uharmony.model.package import load_model
+    from uharmony.progress import Reporter
+    from uharmony.train.adapt import run_adapt
+    from uharmony.train.trainer import run_train
+
+    t0 = time.time()
+    root = Path(work) if work else cache_root().parent / "bench-generalize"
+    root.mkdir(parents=True, exist_ok=True)
+    base = budget(steps, quick)
+    data = make_data(root, train=train_cases, val=val_cases, spacing=base["spacing_mm"][0])
+    train_doms = [str(data[d]) for d in heads.BENCH_TRAIN_DOMAINS]
+    rep = Reporter("none")
+    results: dict[str, dict[int, dict]] = {}
+    seconds: dict[str, float] = {}
+    evaluate_with = None
+
+    def train(name: str, seed: int, cfg: dict, datalists: list[str]) -> Path:
+        out = root / "runs" / f"seed{seed}" / name
+        cfg_path = out.with_name(name + ".json")
+        cfg_path.parent.mkdir(parents=True, exist_ok=True)
+        cfg_path.write_text(json.dumps({**cfg, "seed": seed}))
+        t = time.time()
+        run_train(datalists, str(out), str(cfg_path), overwrite=True, reporter=rep, argv=["bench"])
+        seconds[name] = seconds.get(name, 0.0) + time.time() - t
+        return out
+
+    def record(label: str, seed: int, scores: dict) -> None:
+        results.setdefault(label, {})[seed] = scores
+        unseen = scores.get(heads.BENCH_UNSEEN_DOMAIN, {}).get("score")
+        print(f"[{time.time() - t0:6.0f} s] seed {seed} {label:<14} "
+              + " ".join(f"{d}={scores[d]['score']:.3f}" for d in heads.BENCH_TRAIN_DOMAINS if d in scores
+                         and scores[d]["score"] is not None)
+              + (f" unseen={unseen:.3f}" if unseen is not None else ""), file=sys.stderr, flush=True)
+
+    for seed in seeds:
+        for gin in (False, True):
+            tag = "+GIN" if gin else ""
+            cfg = {**base, "augment": {"gin": gin}}
+            for method in methods:
+                if method == "separate":
+                    per = max(1, steps // len(train_doms))
+                    out = train("separate" + tag, seed, {**cfg, "method": "separate", "steps": per}, train_doms)
+                    merged: dict[str, list] = {}
+                    for sub in sorted(p for p in out.iterdir() if (p / "card.json").is_file()):
+                        model, card = load_model(sub)
+                        own = card["domains"][0]["name"]
+                        if evaluate_with is None:
+                            evaluate_with = _evaluator(data, base["spacing_mm"], model.gate.downsample)
+                        s = evaluate_with(model, "joint", tuple(base["patch_size"]))
+                        merged.setdefault(own, []).append(s[own])
+                        merged.setdefault(heads.BENCH_UNSEEN_DOMAIN, []).append(s[heads.BENCH_UNSEEN_DOMAIN])
+                    scores = {d: {"score": float(np.mean([x["score"] for x in v])), "per_model": v}
+                              for d, v in merged.items()}
+                    record("separate" + tag, seed, scores)
+                    continue
+                out = train(method + tag, seed, {**cfg, "method": method}, train_doms)
+                model, _ = load_model(out)
+                if evaluate_with is None:
+                    evaluate_with = _evaluator(data, base["spacing_mm"], model.gate.downsample)
+                mode = "joint" if method == "joint" else "auto"
+                record(method + tag, seed, evaluate_with(model, mode, tuple(base["patch_size"])))
+                if method == "uharmony":
+                    # no true domain to tell on the unseen style
+                    oracle = evaluate_with(model, "oracle", tuple(base["patch_size"]), only=heads.BENCH_TRAIN_DOMAINS)
+                    record("oracle" + tag, seed, oracle)
+        if adapt and "uharmony" in methods:
+            scores = adapt_vs_joint(root, seed, base, data, train, run_adapt, load_model, evaluate_with, rep,
+                                    seconds)
+            for label, s in scores.items():
+                record(label, seed, s)
+
+    summary = summarise(results)
+    table = format_table(summary, seeds=list(seeds), steps=steps, quick=quick, minutes=(time.time() - t0) / 60)
+    print(table)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"summary": summary, "runs": results, "seconds": seconds,
+                                               "config": base, "seeds": list(seeds),
+                                               "minutes": round((time.time() - t0) / 60, 1)}, indent=1))
+    return 0
+
+
+def adapt_vs_joint(root: Path, seed: int, base: dict, data: dict, train, run_adapt, load_model, evaluate_with,
+                   rep, seconds) -> dict:
+    """Adapt uharmony+GIN to the unseen style with ADAPT_CASES cases vs training with it from the start."""
+    unseen = heads.BENCH_UNSEEN_DOMAIN
+    src = root / "runs" / f"seed{seed}" / "uharmony+GIN"
+    out = root / "runs" / f"seed{seed}" / "adapted"
+    cfg_path = root / "runs" / f"seed{seed}" / "adapt.json"
+    cfg_path.write_text(json.dumps({"steps": max(1, base["steps"] // 2), "seed": seed, "device": "cpu",
+                                    "checkpoint_every": 0, "augment": {"gin": True}}))
+    t = time.time()
+    run_adapt(str(src), [str(data["adapt"])], [str(data[d]) for d in heads.BENCH_TRAIN_DOMAINS], str(out),
+              str(cfg_path), overwrite=True, reporter=rep, argv=["bench"])
+    seconds["adapted"] = seconds.get("adapted", 0.0) + time.time() - t
+    model, _ = load_model(out)
+    patch = tuple(base["patch_size"])
+    adapted = evaluate_with(model, "auto", patch)
+    ref_cfg = {**base, "method": "uharmony", "augment": {"gin": True},
+               "steps": round(base["steps"] * 4 / 3)}
+    ref = train("from-start+GIN", seed, ref_cfg, [str(data[d]) for d in (*heads.BENCH_TRAIN_DOMAINS, unseen)])
+    model, _ = load_model(ref)
+    return {"adapted+GIN": adapted, "from-start+GIN": evaluate_with(model, "auto", patch)}
+
+
+def summarise(results: dict[str, dict[int, dict]]) -> dict:
+    out = {}
+    for label, per_seed in results.items():
+        row = {}
+        for d in (*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN):
+            v = [s[d]["score"] for s in per_seed.values() if d in s and s[d]["score"] is not None]
+            g = [s[d].get("gate") for s in per_seed.values() if d in s and s[d].get("gate") is not None]
+            if v:
+                row[d] = {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                          "n": len(v)}
+                if g:
+                    row[d]["gate"] = float(np.mean(g))
+        out[label] = row
+    return out
+
+
+def format_table(summary: dict, *, seeds, steps: int, quick: bool, minutes: float) -> str:
+    doms = [*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN]
+    head = "| method | " + " | ".join(d + (" (unseen)" if d == heads.BENCH_UNSEEN_DOMAIN else "") for d in doms) \
+        + " | mean of trained |"
+    title = (f"Dice (mean of CSF, GM, WM; mean ± sd over seeds {', '.join(map(str, seeds))}); {steps} steps per "
+             f"model{' (QUICK smoke run: not meaningful)' if quick else ''}; {minutes:.1f} min in all")
+    lines = [title, "",
+             head, "|" + "---|" * (len(doms) + 2)]
+    for label, row in summary.items():
+        cells = []
+        for d in doms:
+            c = row.get(d)
+            cells.append("n/a" if c is None else f"{100 * c['mean']:.1f} ± {100 * c['sd']:.1f}")
+        trained = [row[d]["mean"] for d in heads.BENCH_TRAIN_DOMAINS if d in row]
+        cells.append(f"{100 * np.mean(trained):.1f}" if trained else "n/a")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    gates = {label: {d: row[d]["gate"] for d in heads.BENCH_TRAIN_DOMAINS if d in row and "gate" in row[d]}
+             for label, row in summary.items()}
+    gates = {k: v for k, v in gates.items() if v}
+    if gates:
+        lines.append("")
+        lines.append("gate accuracy on the trained domains: " + "; ".join(
+            f"{k}: " + ", ".join(f"{d} {100 * a:.0f}%" for d, a in v.items()) for k, v in gates.items()))
+    return "\n".join(lines)
