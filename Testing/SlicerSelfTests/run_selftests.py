@@ -6,7 +6,9 @@
 Exit code 0 when every test passed, 1 when one failed, 2 when the run could not start (not inside
 Slicer, modules not loadable). The modules are loaded from this source tree when they are not
 already loaded (no need to add module paths first). The segment tests run the real library, so
-Slicer's Python needs torch and the library's packages (the module's "Install..." button).
+Slicer's Python needs torch and the library's packages (the module's "Install..." button); so do the
+train tests (UHarmonyTrainTest: adapting the bundled model to three synthetic cases in a few steps, on a
+temporary model folder, cancel, and the Federated tab's state).
 CI cannot run this file: Slicer cannot be downloaded there (see docs/slicer.md).
 """
 
