@@ -11,7 +11,6 @@ from the last one in ``rounds.jsonl`` up to ``rounds``.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from uharmony.fed import flower
 from uharmony.fed.config import FedConfig, load_fed_config
 from uharmony.fed.join import Tail, _pump, check_insecure
 from uharmony.fed.server_app import GLOBAL, ROUND_LOG, STATUS
+from uharmony.model.registry import sha256_file
 from uharmony.progress import Reporter
 
 
@@ -129,7 +129,7 @@ def run_serve(config_path: str, reporter: Reporter | None = None) -> int:
                 "--ssl-keyfile", str(cfg.path(cfg.server_key)), "--enable-supernode-auth"]
     output: deque = deque(maxlen=300)
     link = subprocess.Popen(cmd, env=flower.flower_env(home), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True, cwd=out)
+                            stderr=subprocess.STDOUT, cwd=out)  # our process group: it dies with us
     threading.Thread(target=_pump, args=(link.stdout, output, lambda s: print(s, file=sys.stderr, flush=True)),
                      daemon=True).start()
     run_id = None
@@ -145,7 +145,8 @@ def run_serve(config_path: str, reporter: Reporter | None = None) -> int:
             f"{'continuing after round ' + str(done) if done else 'starting a new federation'}")
         app_dir = flower.write_app_dir(out / "app")
         settings = {**cfg.to_dict(), "out": str(out), "start_round": done + 1, "history": history,
-                    "resume_from": str(out / GLOBAL) if done else None}
+                    "resume_from": str(out / GLOBAL) if done else None,
+                    "resume_sha256": sha256_file(out / GLOBAL / "model.safetensors") if done else None}
         import tomli_w
 
         (out / "run-config.toml").write_text(tomli_w.dumps({"settings": json.dumps(settings)}), encoding="utf-8")
@@ -166,11 +167,11 @@ def run_serve(config_path: str, reporter: Reporter | None = None) -> int:
             except Exception as e:  # noqa: BLE001 - best effort while ending anyway
                 print(f"uharmony fed serve: could not stop run {run_id}: {e}", file=sys.stderr)
         if link.poll() is None:
-            os.killpg(link.pid, signal.SIGTERM)
+            link.send_signal(signal.SIGTERM)
             try:
                 link.wait(15)
             except subprocess.TimeoutExpired:
-                os.killpg(link.pid, signal.SIGKILL)
+                link.kill()
                 link.wait()
 
 

@@ -134,6 +134,8 @@ class UHarmonyStrategy(FedAvg):
         self.entry: dict = {}
         self.responders: list[int] = []
         self.t_round = time.time()
+        self.start_info = {"new_run_from_round": self.offset, "resumed_from": s.get("resume_from"),
+                           "model_sha256": s.get("resume_sha256")}
 
     # -- helpers ---------------------------------------------------------------------------
     def status(self, **fields) -> None:
@@ -164,6 +166,8 @@ class UHarmonyStrategy(FedAvg):
                       "rejected": [], "failures": [],
                       "bytes": {"down_per_site": int(sum(a.nbytes for a in self.global_np.values()))}}
         self.sent = nodes
+        if server_round == 1:
+            self.entry["start"] = self.start_info
         record = RecordDict({M.ARRAYS: arrays, M.CONFIG: self.round_config(round_no, len(nodes))})
         return self._construct_messages(record, nodes, MessageType.TRAIN)
 

@@ -1,0 +1,103 @@
+"""Aggregation rules with exact numbers (uharmony.fed.aggregate): per-domain stage 2 and heads, equal
+domain weight, the gate over all sites, and the screening of NaN/Inf and far-out updates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from uharmony.fed.aggregate import Update, aggregate, balanced_weights, screen
+
+DOMAINS = ["ct", "mri"]
+KEYS = ["backbone.conv.weight", "backbone.norm.harmony.ct.beta", "backbone.norm.harmony.mri.beta",
+        "heads.ct.weight", "heads.mri.weight", "gate.classifier.ct.weight", "gate.classifier.mri.weight"]
+
+
+def arrays(value: float, domain: str | None = None) -> dict[str, np.ndarray]:
+    out = {}
+    for k in KEYS:
+        other = [d for d in DOMAINS if d != domain]
+        if domain and any(f".harmony.{o}." in k or k.startswith(f"heads.{o}.") for o in other):
+            continue  # a site sends only its own domain's stage-2 parameters and head
+        out[k] = np.full((2,), value, np.float32)
+    return out
+
+
+def glob(value: float = 0.0) -> dict[str, np.ndarray]:
+    return {k: np.full((2,), value, np.float32) for k in KEYS}
+
+
+def test_equal_domain_weight_by_samples_within_domain():
+    ups = [Update("1", "ct", 10, {}), Update("2", "ct", 30, {}), Update("3", "mri", 5, {})]
+    assert balanced_weights(ups) == pytest.approx([0.125, 0.375, 0.5])
+
+
+def test_per_domain_stage2_and_heads_gate_and_shared_over_all():
+    ups = [Update("1", "ct", 10, arrays(1.0, "ct")), Update("2", "ct", 30, arrays(3.0, "ct")),
+           Update("3", "mri", 5, arrays(8.0, "mri"))]
+    new = aggregate(glob(), ups, DOMAINS)
+    # shared and gate: domains weigh 1/2 each; within ct 10:30 -> 0.125*1 + 0.375*3 + 0.5*8 = 5.25
+    for k in ("backbone.conv.weight", "gate.classifier.ct.weight", "gate.classifier.mri.weight"):
+        assert new[k].tolist() == [5.25, 5.25], k
+    # ct's stage 2 and head: the ct sites only, by samples: (10*1 + 30*3) / 40 = 2.5
+    assert new["backbone.norm.harmony.ct.beta"].tolist() == [2.5, 2.5]
+    assert new["heads.ct.weight"].tolist() == [2.5, 2.5]
+    # mri's: the one mri site
+    assert new["backbone.norm.harmony.mri.beta"].tolist() == [8.0, 8.0]
+    assert new["heads.mri.weight"].tolist() == [8.0, 8.0]
+
+
+def test_a_domain_without_sites_keeps_its_parameters():
+    g = glob()
+    g["heads.mri.weight"][:] = 7.0
+    new = aggregate(g, [Update("1", "ct", 4, arrays(2.0, "ct"))], DOMAINS)
+    assert new["heads.mri.weight"].tolist() == [7.0, 7.0]
+    assert new["heads.ct.weight"].tolist() == [2.0, 2.0]
+    assert new["gate.classifier.mri.weight"].tolist() == [2.0, 2.0]  # the gate learns from every site
+
+
+def test_plain_fedavg_switch_averages_everything_with_the_same_weights():
+    ups = [Update("1", "ct", 10, arrays(1.0)), Update("2", "mri", 30, arrays(3.0))]
+    new = aggregate(glob(), ups, DOMAINS, mode="fedavg")
+    for k in KEYS:  # equal domain weight: 0.5*1 + 0.5*3
+        assert new[k].tolist() == [2.0, 2.0], k
+
+
+def test_nan_and_inf_updates_are_rejected_and_not_averaged():
+    bad = arrays(1.0, "ct")
+    bad["backbone.conv.weight"][0] = np.nan
+    inf = arrays(1.0, "mri")
+    inf["heads.mri.weight"][1] = np.inf
+    ups = [Update("1", "ct", 10, bad), Update("2", "ct", 10, arrays(2.0, "ct")), Update("3", "mri", 10, inf)]
+    accepted, rejected = screen(glob(1.0), ups, history=[])  # first round, 1 finite: vs the global norm
+    assert [u.site for u in accepted] == ["2"]
+    assert {u.site: why for u, why in rejected} == {
+        "1": "non-finite values (NaN/Inf) in backbone.conv.weight",
+        "3": "non-finite values (NaN/Inf) in heads.mri.weight"}
+    new = aggregate(glob(1.0), accepted, DOMAINS)
+    assert np.isfinite(np.concatenate(list(new.values()))).all()
+    assert new["backbone.conv.weight"].tolist() == [2.0, 2.0]
+
+
+def test_far_out_norms_are_rejected_against_history_and_round_median():
+    # history of accepted norms: median 2.0 -> limit 20
+    ups = [Update("1", "ct", 1, {"backbone.conv.weight": np.array([3.0, 4.0], np.float32)}),  # norm 5
+           Update("2", "mri", 1, {"backbone.conv.weight": np.array([12.0, 16.0], np.float32)})]  # norm 20
+    g = {"backbone.conv.weight": np.zeros(2, np.float32)}
+    accepted, rejected = screen(g, ups, history=[1.0, 2.0, 3.0])
+    assert [u.site for u in accepted] == ["1", "2"]  # 20 is not > 10 x 2
+    ups[1].arrays["backbone.conv.weight"] = np.array([12.0, 16.5], np.float32)  # norm > 20
+    accepted, rejected = screen(g, ups, history=[1.0, 2.0, 3.0])
+    assert [u.site for u in accepted] == ["1"]
+    assert rejected[0][1].startswith("update norm 20.") and "median of accepted update norms so far" in rejected[0][1]
+
+
+def test_first_round_references():
+    g = {"w": np.array([1.0, 0.0], np.float32)}  # global norm 1
+    two = [Update("1", "ct", 1, {"w": np.array([1.0, 5.0], np.float32)}),  # update norm 5
+           Update("2", "mri", 1, {"w": np.array([1.0, 11.0], np.float32)})]  # update norm 11 > 10 x 1
+    accepted, rejected = screen(g, two, history=[])
+    assert [u.site for u in accepted] == ["1"] and "global weights' norm" in rejected[0][1]
+    three = [Update(str(i), "ct", 1, {"w": np.array([1.0, v], np.float32)}) for i, v in enumerate([1.0, 2.0, 30.0])]
+    accepted, rejected = screen(g, three, history=[])  # round median 2 -> limit 20
+    assert [u.site for u in accepted] == ["0", "1"] and "this round's median" in rejected[0][1]

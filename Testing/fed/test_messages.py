@@ -1,0 +1,127 @@
+"""What leaves a site: the real ClientApp's replies, inspected against the whitelist.
+
+The ClientApp's train and evaluate handlers are called with real Flower Messages carrying a real
+global model; every record, key, name, shape, dtype and value type of the reply is checked, and
+anything outside the whitelist fails the test (and is refused by the coordinator's check).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.usefixtures("fed_data")
+
+
+@pytest.fixture(scope="module")
+def round_messages(fed_data, tmp_path_factory):
+    from fed_helpers import write_config
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from uharmony.fed import messages as M
+    from uharmony.fed.config import load_fed_config
+    from uharmony.fed.server_app import UHarmonyStrategy, initial_model
+
+    folder = tmp_path_factory.mktemp("msg")
+    path, _ = write_config(folder, fed_data)
+    cfg = load_fed_config(path)
+    s = {**cfg.to_dict(), "out": str(folder / "federation")}
+    (folder / "federation").mkdir()
+    strategy = UHarmonyStrategy(s, initial_model(s))
+    config = strategy.round_config(1, 2)
+    arrays = M.to_arrays(strategy.global_np)
+    settings = folder / "site.json"
+    settings.write_text(json.dumps({"data": str(fed_data["data"]["site-a"]), "device": "cpu"}), encoding="utf-8")
+
+    def message(kind):
+        return Message(RecordDict({M.ARRAYS: arrays, M.CONFIG: config}), dst_node_id=7, message_type=kind)
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7  # as Flower's task runner sets
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    return strategy, message, context, settings
+
+
+def _reply(round_messages, kind, monkeypatch):
+    from uharmony.fed import client_app
+
+    strategy, message, context, settings = round_messages
+    monkeypatch.setenv("UHARMONY_FED_SITE_SETTINGS", str(settings))
+    handler = client_app.train if kind == "train" else client_app.evaluate
+    return strategy, handler(message(kind), context)
+
+
+def test_train_reply_holds_only_whitelisted_content(round_messages, monkeypatch):
+    from uharmony.fed import messages as M
+
+    strategy, reply = _reply(round_messages, "train", monkeypatch)
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    assert dict(content["site"]) == {"domain": "synth-t1"}
+    assert set(content["metrics"].keys()) <= M.metric_keys(strategy.classes[1:])
+    assert content["metrics"]["num-examples"] == 2 and "loss" in content["metrics"]
+    want = M.site_keys(list(strategy.expected), strategy.domains, "synth-t1")
+    assert list(content["arrays"].keys()) == want
+    assert not any(".harmony.synth-t2." in k or k.startswith("heads.synth-t2.") for k in want)
+    assert not any(k.startswith("gate.calibration") for k in want)
+    assert any(k.startswith("gate.classifier.synth-t2.") for k in want)  # the gate is averaged over all sites
+    for k, a in content["arrays"].items():
+        assert (tuple(a.shape), a.dtype) == (tuple(strategy.expected[k][0]), strategy.expected[k][1]), k
+    # no strings, file names or paths anywhere but the domain name
+    for name, record in content.items():
+        for k, v in record.items():
+            if name == "site":
+                continue
+            assert not isinstance(v, (str, bytes)), (name, k)
+    assert M.check_reply(content, kind="train", expected=strategy.expected, domains=strategy.domains,
+                         classes=strategy.classes[1:]) == "synth-t1"
+
+
+def test_evaluate_reply_holds_only_whitelisted_content(round_messages, monkeypatch):
+    from uharmony.fed import messages as M
+
+    strategy, reply = _reply(round_messages, "evaluate", monkeypatch)
+    content = reply.content
+    assert set(content.keys()) == {"metrics", "site"}
+    keys = set(content["metrics"].keys())
+    assert keys <= M.metric_keys(strategy.classes[1:])
+    assert {"num-examples", "gate-accuracy", "dice/grey matter"} <= keys
+    assert M.check_reply(content, kind="evaluate", expected=strategy.expected, domains=strategy.domains,
+                         classes=strategy.classes[1:]) == "synth-t1"
+
+
+@pytest.mark.parametrize("tamper", ["extra record", "extra metric", "file name", "extra array", "wrong shape",
+                                    "other domain's head", "unknown domain", "nan metric"])
+def test_anything_outside_the_whitelist_is_refused(round_messages, monkeypatch, tamper):
+    from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
+
+    from uharmony.fed import messages as M
+
+    strategy, reply = _reply(round_messages, "train", monkeypatch)
+    c = reply.content
+    records = dict(c.items())
+    metrics = dict(c["metrics"])
+    arrays = c["arrays"]
+    if tamper == "extra record":
+        records["debug"] = ConfigRecord({"note": "hello"})
+    elif tamper == "extra metric":
+        metrics["voxels"] = 123
+    elif tamper == "file name":
+        records["site"] = ConfigRecord({"domain": "synth-t1", "file": "/data/patient_007.nii.gz"})
+    elif tamper == "extra array":
+        arrays["images"] = Array(np.zeros((4, 4), np.float32))
+    elif tamper == "wrong shape":
+        k = next(iter(arrays.keys()))
+        arrays[k] = Array(np.zeros((3,), np.float32))
+    elif tamper == "other domain's head":
+        arrays["heads.synth-t2.bias"] = Array(np.zeros(strategy.expected["heads.synth-t2.bias"][0], np.float32))
+    elif tamper == "unknown domain":
+        records["site"] = ConfigRecord({"domain": "patient-42"})
+    elif tamper == "nan metric":
+        metrics["loss"] = float("nan")
+    records["metrics"] = MetricRecord(metrics)
+    with pytest.raises(ValueError):
+        M.check_reply(RecordDict(records), kind="train", expected=strategy.expected, domains=strategy.domains,
+                      classes=strategy.classes[1:])
