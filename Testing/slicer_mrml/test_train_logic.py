@@ -495,3 +495,20 @@ def test_site_key_create_and_show_public_key_only(scene, tmp_path, fake_fed):
         read_public_key(str(keys / "leaky"))
     logic.create_site_key("bad name", str(keys), lambda path, error: got.append((path, error)))
     assert got[-1][0] is None and "name" in got[-1][1]
+
+
+def test_real_fed_keys_and_availability_when_the_library_has_fed(scene, tmp_path):
+    """With issue 5's `uharmony fed` in the library: Join is offered, and Create key makes a real key pair
+    whose public half is shown (a real federated run needs a Flower server: issue 5's tests do that)."""
+    if importlib.util.find_spec("uharmony.fed.cli") is None:
+        pytest.skip("this tree has no `uharmony fed` yet")
+    logic = FederatedLogic(scene, SubprocessRunner(), environment=ENV)
+    availability = logic.availability()
+    assert availability.available == (importlib.util.find_spec("flwr") is not None), availability.reason
+    got = []
+    logic.create_site_key("hospital-a", str(tmp_path), lambda path, error: got.append((path, error)))
+    for runner in list(logic.commands._runners):
+        runner.wait(60)
+    assert got == [(str(tmp_path / "hospital-a"), None)]
+    assert read_public_key(got[0][0]).startswith("ecdsa-sha2-nistp384 ")
+    assert "PRIVATE KEY" in (tmp_path / "hospital-a").read_text()  # the private half stays in its file

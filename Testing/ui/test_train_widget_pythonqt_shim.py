@@ -14,7 +14,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -32,6 +31,7 @@ for path in (HERE, REPO, os.path.join(REPO, "UHarmonySegment"), MODULE_DIR, os.p
 
 import pythonqt_shim  # noqa: E402
 from placeholders import application  # noqa: E402
+from test_widget_pythonqt_shim import pump  # noqa: E402  (the Segment widget test's event pump)
 
 
 @pytest.fixture
@@ -42,7 +42,8 @@ def env(monkeypatch, tmp_path, tiny_model):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # the tiny test model, added to the (isolated) model folder as a user would
     done = subprocess.run([sys.executable, "-m", "uharmony", "models", "add", str(tiny_model), "--name", "tiny"],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120,
+                          check=False)
     assert done.returncode == 0, done.stderr
     scene = slicer.vtkMRMLScene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
@@ -55,22 +56,13 @@ def env(monkeypatch, tmp_path, tiny_model):
     scene.Clear(True)
 
 
-def pump(condition, timeout=180.0):
-    app = application()
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the widget")
-        app.processEvents()
-        time.sleep(0.01)
-
-
 def add_cases(scene):
-    from test_train_logic import add_segmentation  # Testing/slicer_mrml/test_train_logic.py
+    from mrml_testing import add_volume
+    from test_train_logic import (
+        add_segmentation,  # Testing/slicer_mrml/test_train_logic.py
+    )
 
     from uharmony.data import synth
-
-    from mrml_testing import add_volume
 
     for index, seed in enumerate((72011, 72012, 72013)):
         case = synth.make_case(seed, "synth-flair", spacing_mm=4.0)
@@ -92,6 +84,8 @@ def test_train_widget_adapts_scene_cases_and_saves_the_model(env):
     if importlib.util.find_spec("uharmony.fed.cli") is None:
         assert not ui.joinButton.enabled and not ui.createKeyButton.enabled
         assert "issue 5" in ui.federatedNoticeLabel.text and "issue 5" in ui.joinButton.toolTip
+    else:
+        assert ui.joinButton.enabled == widget._availability.available, widget._availability.reason
     assert ui.modelFolderLabel.text == str(env["models"])
 
     ui.baseModelSelector.setCurrentIndex(ui.baseModelSelector.findData("tiny"))

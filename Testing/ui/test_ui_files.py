@@ -109,8 +109,8 @@ def test_train_widget_helpers_only_use_names_of_the_train_ui():
     with open(TrainWidgetHelpers.__file__, encoding="utf-8") as f:
         source = f.read()
     used = set(re.findall(r"\bui\.(\w+)", source)) | set(TrainWidgetHelpers.ADAPT_CONTROLS) | set(TrainWidgetHelpers.JOIN_CONTROLS)
-    used |= set(re.findall(r'"(\w+ProgressBar)"', open(os.path.join(MODULES["UHarmonyTrain"], "UHarmonyTrain.py"),
-                                                         encoding="utf-8").read()))
+    with open(os.path.join(MODULES["UHarmonyTrain"], "UHarmonyTrain.py"), encoding="utf-8") as f:
+        used |= set(re.findall(r'"(\w+ProgressBar)"', f.read()))
     assert "adaptProgressBar" in used and sorted(used - names) == []
 
 

@@ -86,8 +86,8 @@ def check_domain(domain: str, new_modality: bool, base_domains: list[str]) -> li
         return [f"'{domain}' is not a valid domain name: letters, digits, '-' or '_', starting with a letter or digit"]
     known = domain in base_domains
     if new_modality and known:
-        return [f"the model already has a domain '{domain}': untick 'new modality' to train that domain, "
-                "or give the new modality another name"]
+        return [(f"the model already has a domain '{domain}': untick 'new modality' to train that domain, "
+                 "or give the new modality another name")]
     if not new_modality and base_domains and not known:
         return [f"the model has no domain '{domain}' ({', '.join(base_domains)}): tick 'new modality' to add it"]
     return []
@@ -105,8 +105,8 @@ def check_classes(names: list[str], new_classes: bool, base_classes: list[str], 
     if unknown and not new_classes:
         known = ", ".join(n for n in base_classes if n and class_key(n) != "background")
         what = "is not a class" if len(unknown) == 1 else "are not classes"
-        return [f"{source}: {', '.join(repr(n) for n in unknown)} {what} of the model ({known}): "
-                "tick 'new classes' to add them, or rename the segments"]
+        return [(f"{source}: {', '.join(repr(n) for n in unknown)} {what} of the model ({known}): "
+                 "tick 'new classes' to add them, or rename the segments")]
     return []
 
 
@@ -360,7 +360,7 @@ def read_datalist(path: str) -> dict:
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: cannot be read as JSON ({exc})") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
+        raise ValueError(f"{path}: must hold a JSON object")  # noqa: TRY004 - a user-facing input error
     return doc
 
 

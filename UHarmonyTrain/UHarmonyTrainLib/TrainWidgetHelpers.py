@@ -8,6 +8,7 @@ run this very code. Nothing here imports Qt or Slicer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 from UHarmonySegmentLib.WidgetHelpers import _get
 
@@ -52,8 +53,8 @@ def draw_chart(qt, label, chart: Chart, empty_text: str = "The loss and Dice cur
             painter.drawText(right + 3, bottom, "0")
         for line in chart.lines:
             painter.setPen(qt.QPen(_color(qt, line.color), 2))
-            points = [(int(round(x)), int(round(y))) for x, y in line.points]
-            for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            points = [(round(x), round(y)) for x, y in line.points]
+            for (x0, y0), (x1, y1) in pairwise(points):
                 painter.drawLine(x0, y0, x1, y1)
             for x, y in points:
                 painter.drawEllipse(x - 2, y - 2, 4, 4)
@@ -128,5 +129,5 @@ def show_availability(ui, available: bool, reason: str) -> None:
 
 def show_progress(ui, bar_name: str, text: str, fraction: float) -> None:
     bar = getattr(ui, bar_name)
-    bar.setValue(int(round(max(0.0, min(1.0, fraction)) * _get(bar, "maximum"))))
+    bar.setValue(round(max(0.0, min(1.0, fraction)) * _get(bar, "maximum")))
     bar.setFormat(f"{text} %p%" if text else "%p%")
