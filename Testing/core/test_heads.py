@@ -33,7 +33,7 @@ def test_atlas_tissue_volumes_and_layering(atlas):
     ring = ndi.binary_dilation(brain) & ~brain
     assert not np.isin(t[ring], [heads.AIR, heads.SCALP, heads.FAT]).any()
     # The head is one piece: no speckle of tissue in the air around it.
-    lab, n = ndi.label(t != heads.AIR)
+    _, n = ndi.label(t != heads.AIR)
     assert n == 1
 
 
