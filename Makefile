@@ -9,7 +9,7 @@ PY      = $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX   ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean brain-model
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,16 @@ $(VENV)/.test: $(VENV)/.base
 
 venv: $(VENV)/.base
 
+# The set-up step fetches the real sample scan (the ITK example T1) from Debian's package index once.
 demo: $(VENV)/.base
+	$(PY) -m uharmony.data.sources itk-examples
 	$(VENV)/bin/uharmony demo --out demo_out
+
+# Rebuild the default brain model (about 2 h on 2 CPU cores; never in CI). See docs/model.md.
+brain-model: $(VENV)/.base
+	$(PY) -m uharmony.train.brain data --out work/heads
+	$(PY) -m uharmony.train.brain train --data work/heads --out work/brain
+	$(PY) -m uharmony.train.brain finish --model work/brain --install
 
 test: $(VENV)/.test
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q Testing

@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("devices", help="what compute devices this machine offers")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("demo", help="segment a fresh synthetic sample with the bundled model", epilog=EPILOG)
+    p = sub.add_parser("demo", help="segment a real scan (or a synthetic sample) with the bundled model", epilog=EPILOG)
     p.add_argument("--out", default="demo_out", help="folder for the sample, label map, report and picture")
+    p.add_argument("--sample", default="real", choices=("real", "synthetic"),
+                   help="real: the ITK example whole-head T1 (fetched once from Debian's package index); "
+                        "synthetic: a phantom with true labels")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     _add_progress(p)
 
@@ -183,7 +186,7 @@ def _dispatch(args, reporter: Reporter) -> int:
     if args.command == "demo":
         from uharmony.demo import run_demo
 
-        return run_demo(Path(args.out), device=args.device, reporter=reporter)
+        return run_demo(Path(args.out), device=args.device, reporter=reporter, sample=args.sample)
     if args.command in ("train", "adapt"):
         return _train(args, reporter)
     if args.command == "fed":
