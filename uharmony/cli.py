@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--work", default=None, help="folder for the generated data and the trained models")
     q.add_argument("--quick", action="store_true", help="tiny smoke run (seconds; the figures mean nothing)")
     q.add_argument("--json", default=None)
+    q.add_argument("--from-json", default=None, help="only re-print the table and targets of an earlier --json")
 
     p = sub.add_parser("train", help="train a model jointly on several datalists (see docs/training.md)", epilog=EPILOG,
                        description="Train one U-Harmony model on one or more MSD-style datalists (dataset.json); "
@@ -204,8 +205,10 @@ def _dispatch(args, reporter: Reporter) -> int:
 
             return run_bench_real(args.model, out=args.out, json_path=args.json, device=args.device)
         if args.bench_command == "generalize":
-            from uharmony.bench.generalize import run_bench_generalize
+            from uharmony.bench.generalize import print_from_json, run_bench_generalize
 
+            if args.from_json:
+                return print_from_json(args.from_json)
             return run_bench_generalize(work=args.work, seeds=tuple(args.seeds), steps=args.steps,
                                         train_cases=args.cases, val_cases=2 if args.quick else 4, quick=args.quick,
                                         json_path=args.json)

@@ -62,8 +62,8 @@ def run_demo(out: Path, device: str = "auto", reporter: Reporter | None = None, 
         sample_path, truth, mask = _synthetic_sample(out, reporter)
         ref = np.asarray(nib.load(truth).dataobj)
     segmenter = Segmenter(None, device, reporter)
-    outputs = dict(output=out / "sample_t1_seg.nii.gz", report_path=out / "sample_t1_report.json",
-                   preview_path=out / "sample_t1_preview.png")
+    outputs = {"output": out / "sample_t1_seg.nii.gz", "report_path": out / "sample_t1_report.json",
+               "preview_path": out / "sample_t1_preview.png"}
     report = segmenter.segment_files([sample_path], overwrite=True, **outputs)
     reporter.result(report["outputs"], report)
     pred = np.asarray(nib.load(outputs["output"]).dataobj)

@@ -180,7 +180,7 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
 
     summary = summarise(results)
     table = format_table(summary, seeds=list(seeds), steps=steps, quick=quick, minutes=(time.time() - t0) / 60)
-    print(table)
+    print(table + "\n\n" + "\n".join(check_targets(summary)))
     if json_path:
         Path(json_path).write_text(json.dumps({"summary": summary, "runs": results, "seconds": seconds,
                                                "config": base, "seeds": list(seeds),
@@ -251,3 +251,53 @@ def format_table(summary: dict, *, seeds, steps: int, quick: bool, minutes: floa
         lines.append("gate accuracy on the trained domains: " + "; ".join(
             f"{k}: " + ", ".join(f"{d} {100 * a:.0f}%" for d, a in v.items()) for k, v in gates.items()))
     return "\n".join(lines)
+
+
+def check_targets(summary: dict) -> list[str]:
+    """The issue's targets, each as one line: PASS/FAIL with the figures."""
+    trained, unseen = heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN
+    lines = ["targets:"]
+
+    def mean(label, d):
+        return summary.get(label, {}).get(d, {}).get("mean")
+
+    for tag in ("", "+GIN"):
+        u, j, o = "uharmony" + tag, "joint" + tag, "oracle" + tag
+        if u in summary and j in summary:
+            diffs = {d: mean(u, d) - mean(j, d) for d in trained if mean(u, d) is not None and mean(j, d) is not None}
+            ok = all(v >= 0 for v in diffs.values())
+            lines.append(f"- {'PASS' if ok else 'FAIL'} {u} >= {j} on every domain: "
+                         + ", ".join(f"{d} {100 * v:+.1f}" for d, v in diffs.items()))
+        if u in summary and o in summary:
+            gap = float(np.mean([mean(o, d) - mean(u, d) for d in trained]))
+            lines.append(f"- {'PASS' if gap <= 0.015 else 'FAIL'} {u} within 1.5 Dice points of {o} on average: "
+                         f"gap {100 * gap:+.1f}")
+    for base in ("uharmony", "joint", "separate"):
+        a, b = mean(base, unseen), mean(base + "+GIN", unseen)
+        if a is not None and b is not None:
+            lines.append(f"- {'PASS' if b > a else 'FAIL'} GIN raises {base} on the unseen {unseen}: "
+                         f"{100 * a:.1f} -> {100 * b:.1f} ({100 * (b - a):+.1f})")
+    a, f, base = summary.get("adapted+GIN"), summary.get("from-start+GIN"), summary.get("uharmony+GIN")
+    if a and f and base and unseen in a and unseen in f:
+        ratio = a[unseen]["mean"] / f[unseen]["mean"] if f[unseen]["mean"] else float("nan")
+        lines.append(f"- {'PASS' if ratio >= 0.9 else 'FAIL'} adapted with {ADAPT_CASES} cases reaches >= 90 % of "
+                     f"training with {unseen} from the start: {100 * ratio:.0f} %")
+        drops = {d: base[d]["mean"] - a[d]["mean"] for d in trained if d in a and d in base}
+        ok = all(v <= 0.01 for v in drops.values())
+        lines.append(f"- {'PASS' if ok else 'FAIL'} old domains drop <= 1 Dice point after adaptation (gate routing): "
+                     + ", ".join(f"{d} {100 * -v:+.1f}" for d, v in drops.items()))
+        gates = {d: a[d].get("gate") for d in trained if d in a}
+        ok = all(g is not None and g >= 0.95 for g in gates.values())
+        lines.append(f"- {'PASS' if ok else 'FAIL'} gate >= 95 % right on the old domains after adaptation: "
+                     + ", ".join(f"{d} {100 * g:.0f} %" if g is not None else f"{d} n/a" for d, g in gates.items()))
+    return lines
+
+
+def print_from_json(path: str) -> int:
+    """Re-print the table and the target checks from a results JSON written by --json."""
+    r = json.loads(Path(path).read_text())
+    summary = summarise({k: {int(s): v for s, v in per.items()} for k, per in r["runs"].items()})
+    print(format_table(summary, seeds=r["seeds"], steps=r["config"]["steps"], quick=False, minutes=r["minutes"]))
+    print()
+    print("\n".join(check_targets(summary)))
+    return 0

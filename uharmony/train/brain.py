@@ -31,13 +31,13 @@ INTENDED_USE = ("Research use only; not validated on patients and not a medical 
                 "(MRI T1, T1 with contrast, T2, PD, FLAIR, or non-contrast CT) segmented into cerebrospinal fluid, "
                 "grey matter, white matter and lesion at 2 mm, returned on the input's grid.")
 LIMITATIONS = [
-    "Trained only on synthetic images rendered from ONE brain anatomy (an MNI-space tissue template) under "
-    "random deformation: anatomy far from an adult brain (children, large resections, severe atrophy) is unseen.",
-    "Evaluated on real images only for T1 (MNI152 2009a average and one ITK example subject); T2, PD, FLAIR "
-    "and CT have had NO evaluation on real images, only on synthetic held-out cases.",
+    ("Trained only on synthetic images rendered from ONE brain anatomy (an MNI-space tissue template) under "
+     "random deformation: anatomy far from an adult brain (children, large resections, severe atrophy) is unseen."),
+    ("Evaluated on real images only for T1 (MNI152 2009a average and one ITK example subject); T2, PD, FLAIR "
+     "and CT have had NO evaluation on real images, only on synthetic held-out cases."),
     "Lesions were random smooth blobs; the lesion class has had no evaluation on real lesions.",
-    "CSF was derived (intracranial volume minus grey and white matter), so its boundary with dura and bone "
-    "is approximate.",
+    ("CSF was derived (intracranial volume minus grey and white matter), so its boundary with dura and bone "
+     "is approximate."),
     "Works at 2 mm: thin cortex is partial-volumed; volumes are estimates.",
     "Inputs unlike every training domain are flagged as unfamiliar; their results are unreliable.",
 ]
