@@ -19,7 +19,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PY) -m pip install -q -e ".[dev,slicer-test]"
+	$(PY) -m pip install -q -e ".[dev,slicer-test,fed]"
 	touch $@
 
 venv: $(VENV)/.base
