@@ -23,6 +23,7 @@ address = "127.0.0.1:{port}"
 out = "federation"
 rounds = {rounds}
 min_sites = {min_sites}
+start_sites = {start_sites}
 round_timeout_s = {timeout}
 deadline_s = {deadline}
 evaluate = {evaluate}
@@ -114,7 +115,7 @@ def read_rounds(out: Path) -> list[dict]:
     return [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
-def write_config(folder: Path, fed_data: dict, *, rounds=2, min_sites=2, timeout=60, deadline=600,
+def write_config(folder: Path, fed_data: dict, *, rounds=2, min_sites=2, start_sites=0, timeout=60, deadline=600,
                  evaluate=True) -> tuple[Path, int]:
     from uharmony.fed.flower import free_port
 
@@ -124,7 +125,8 @@ def write_config(folder: Path, fed_data: dict, *, rounds=2, min_sites=2, timeout
         keys.symlink_to(fed_data["root"] / "keys")
     port = free_port()
     path = folder / "fed.toml"
-    path.write_text(FED_TOML.format(port=port, rounds=rounds, min_sites=min_sites, timeout=timeout,
+    path.write_text(FED_TOML.format(port=port, rounds=rounds, min_sites=min_sites, start_sites=start_sites,
+                                    timeout=timeout,
                                     deadline=deadline, evaluate="true" if evaluate else "false"), encoding="utf-8")
     return path, port
 

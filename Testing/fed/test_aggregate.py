@@ -101,3 +101,12 @@ def test_first_round_references():
     three = [Update(str(i), "ct", 1, {"w": np.array([1.0, v], np.float32)}) for i, v in enumerate([1.0, 2.0, 30.0])]
     accepted, rejected = screen(g, three, history=[])  # round median 2 -> limit 20
     assert [u.site for u in accepted] == ["0", "1"] and "this round's median" in rejected[0][1]
+
+
+def test_readme_and_docs_document_every_fed_toml_key():
+    from pathlib import Path
+
+    from uharmony.fed.config import config_table_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert config_table_markdown() in readme

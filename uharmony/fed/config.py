@@ -17,6 +17,8 @@ from uharmony.errors import ExitCode, UHarmonyError
 from uharmony.fed.aggregate import MODES
 from uharmony.train.config import GateConfig, ModelConfig, _fill
 
+DEFAULT_CLASSES = ("cerebrospinal fluid", "grey matter", "white matter", "lesion")
+
 
 @dataclass
 class FedTrainConfig:
@@ -31,7 +33,6 @@ class FedTrainConfig:
     seed: int = 0  # seeds the initial model and (with the domain name) each site's steps
     gin: bool = True  # GIN augmentation at every site (FedGIN)
     gin_p: float = 0.5  # probability that a sample is GIN-augmented
-    gate_weight: float = 0.5  # weight of the gate's cross-entropy (0 turns gate training off)
     amp: bool = True  # fp16 autocast on CUDA sites only
     eval_cases: int = 4  # at most this many of its validation cases each site evaluates per round
 
@@ -39,8 +40,7 @@ class FedTrainConfig:
 @dataclass
 class FedConfig:
     domains: list[str] = field(default_factory=list)  # REQUIRED: the federation's domains, e.g. ["ct", "mri-t1"]
-    classes: list[str] = field(default_factory=lambda: ["cerebrospinal fluid", "grey matter", "white matter",
-                                                        "lesion"])  # foreground class names (union label space)
+    classes: list[str] = field(default_factory=lambda: list(DEFAULT_CLASSES))  # foreground class names, in order
     channels: list[str] = field(default_factory=lambda: ["image"])  # input channel names (one file each)
     name: str = "uharmony-federated"  # the global model's name (its card's name)
     address: str = "0.0.0.0:9092"  # HOST:PORT the SuperLink listens on (sites, flwr CLI and ServerApp)
@@ -51,6 +51,7 @@ class FedConfig:
     insecure: bool = False  # no TLS, no site authentication: only when every end is on loopback
     rounds: int = 10  # federated rounds (a restarted coordinator continues up to this many)
     min_sites: int = 2  # sites needed to start a round (and to aggregate one)
+    start_sites: int = 0  # sites to wait for before round 1 (0: min_sites), e.g. all registered sites
     round_timeout_s: float = 900.0  # how long a phase (train, evaluate) waits for replies
     deadline_s: float = 86400.0  # the whole run is stopped (and why is said) after this many seconds
     aggregation: str = "uharmony"  # uharmony (per-domain stage 2 + heads) or fedavg (plain model, all averaged)
@@ -100,6 +101,7 @@ def _validate(c: FedConfig, where) -> None:
         _fail(f"key 'address': {e.message}", where)
     need(c.rounds >= 1, "rounds", "must be >= 1")
     need(c.min_sites >= 1, "min_sites", "must be >= 1")
+    need(c.start_sites >= 0, "start_sites", "must be >= 0")
     need(c.round_timeout_s > 0, "round_timeout_s", "must be > 0")
     need(c.deadline_s > 0, "deadline_s", "must be > 0")
     need(c.aggregation in MODES, "aggregation", f"must be one of {', '.join(MODES)}")
@@ -115,7 +117,7 @@ def _validate(c: FedConfig, where) -> None:
     need(t.weight_decay >= 0 and t.poly_weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.seed >= 0, "train.seed", "must be >= 0")
     need(0 <= t.gin_p <= 1, "train.gin_p", "must be in [0, 1]")
-    need(t.gate_weight >= 0, "train.gate_weight", "must be >= 0")
+    need(c.gate.weight >= 0, "gate.weight", "must be >= 0")
     need(t.eval_cases >= 1, "train.eval_cases", "must be >= 1")
     m = c.model
     need(len(m.filters) == len(m.strides) >= 3, "model.filters", "must have as many entries as model.strides (>= 3)")

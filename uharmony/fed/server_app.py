@@ -143,6 +143,8 @@ class UHarmonyStrategy(FedAvg):
 
     def wait_for_sites(self, grid: Grid, round_no: int) -> list[int]:
         need = int(self.s["min_sites"])
+        if round_no == 1:  # a new federation waits for everyone; a restarted one needs min_sites
+            need = max(need, int(self.s.get("start_sites", 0)))
         while True:
             nodes = list(grid.get_node_ids())
             if len(nodes) >= need:
@@ -151,7 +153,7 @@ class UHarmonyStrategy(FedAvg):
             time.sleep(1.0)
 
     def round_config(self, round_no: int, sites: int) -> ConfigRecord:
-        t = dict(self.s["train"], joint=self.s["aggregation"] == "fedavg")
+        t = dict(self.s["train"], joint=self.s["aggregation"] == "fedavg", gate_weight=self.s["gate"]["weight"])
         return ConfigRecord({"global-round": round_no, "num-rounds": int(self.s["rounds"]), "num-sites": sites,
                              "arch": M.encode_json(self.arch), "classes": M.encode_json(self.classes),
                              "train": M.encode_json(t)})

@@ -1,0 +1,69 @@
+"""Faults with real processes: a site killed mid-round (the round completes with the others), the
+coordinator killed and restarted (a new run continues from the last global model written)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fed_helpers import Procs, join_args, read_rounds, register, wait_for, write_config
+
+
+@pytest.fixture(scope="module")
+def faults(fed_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    config, port = write_config(root, fed_data, rounds=2, min_sites=2, start_sites=3, timeout=25, deadline=500,
+                                evaluate=False)
+    out = root / "federation"
+    procs = Procs(root)
+    try:
+        procs.start("serve", ["fed", "serve", "--config", str(config), "--progress", "jsonl"])
+        wait_for(lambda: any(e.get("message", "").startswith("run ") for e in procs.events("serve")), 90,
+                 "the coordinator's run", procs)
+        register(config, fed_data, ["site-a", "site-b", "site-c"])
+        for site in ("site-a", "site-b", "site-c"):
+            procs.start(site, join_args(fed_data, site, port))
+
+        def training_round_1():
+            try:
+                s = json.loads((out / "status.json").read_text())
+            except (OSError, ValueError):
+                return False
+            return s.get("state") == "training" and s.get("round") == 1
+
+        wait_for(training_round_1, 180, "round 1 to start with three sites", procs, poll=0.2)
+        procs.kill("site-c")  # SIGKILL the whole site (supervisor, SuperNode, ClientApp) mid-round
+        wait_for(lambda: len(read_rounds(out)) >= 1, 240, "round 1 to complete without site C", procs)
+        first_log = read_rounds(out)[0]
+        procs.kill("serve")  # the coordinator dies (SIGKILL: serve and its SuperLink)
+        procs.wait("serve", 30)
+        procs.start("serve2", ["fed", "serve", "--config", str(config), "--progress", "jsonl"])
+        code = procs.wait("serve2", 400)
+        yield {"out": out, "procs": procs, "code": code, "first": first_log}
+    finally:
+        procs.close()
+
+
+def test_a_site_killed_mid_round_does_not_stop_the_round(faults):
+    first = faults["first"]
+    assert first["sent_to"] == 3
+    assert sorted(p["domain"] for p in first["participants"]) == ["synth-t1", "synth-t2"]
+    assert first["aggregated"] is True
+    assert any("no reply within" in f["reason"] for f in first["failures"]), first["failures"]
+    assert (faults["out"] / "rounds" / "0001" / "model.safetensors").is_file()
+
+
+def test_a_restarted_coordinator_continues_from_the_last_global_model(faults):
+    procs = faults["procs"]
+    assert faults["code"] == 0, procs.err("serve2")[-3000:]
+    log = read_rounds(faults["out"])
+    assert [e["round"] for e in log] == [1, 2]
+    second = log[1]
+    assert second["run_round"] == 1  # a new Flower run ...
+    assert second["start"]["new_run_from_round"] == 1  # ... that started after round 1
+    assert second["start"]["model_sha256"] == faults["first"]["model_sha256"]  # from round 1's global model
+    assert second["model_sha256"] != faults["first"]["model_sha256"]
+    assert second["aggregated"] is True
+    events = procs.events("serve2")
+    assert [e["round"] for e in events if e["event"] == "round"] == [2]
+    assert any("continuing after round 1" in e.get("message", "") for e in events)

@@ -1,0 +1,118 @@
+"""End to end: a real SuperLink (`uharmony fed serve`, TLS + site authentication) and three real
+SuperNodes (`uharmony fed join`) on 127.0.0.1, two rounds on tiny phantoms.
+
+Site C (a second synth-t1 site) scales its update x100 in round 2 (fault injection of its own
+settings): the coordinator must reject it. After each round the global model package must exist,
+load and segment.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fed_helpers import Procs, join_args, read_rounds, register, wait_for, write_config
+
+
+@pytest.fixture(scope="module")
+def federation(fed_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("federation")
+    config, port = write_config(root, fed_data, rounds=2, min_sites=2, start_sites=3, timeout=90,
+                                  deadline=400)
+    procs = Procs(root)
+    try:
+        procs.start("serve", ["fed", "serve", "--config", str(config), "--progress", "jsonl"])
+        wait_for(lambda: any(e.get("message", "").startswith("run ") for e in procs.events("serve")), 90,
+                 "the coordinator's run", procs)
+        register(config, fed_data, ["site-a", "site-b", "site-c"])
+        for site in ("site-a", "site-b"):
+            procs.start(site, join_args(fed_data, site, port))
+        procs.start("site-c", join_args(fed_data, "site-c", port),
+                    extra_env={"UHARMONY_FED_FAULT": json.dumps({"scale": 100, "round": 2})})
+        code = procs.wait("serve", 420)
+        yield {"root": root, "out": root / "federation", "procs": procs, "code": code}
+    finally:
+        procs.close()
+
+
+def test_serve_finishes_and_reports_rounds(federation):
+    procs = federation["procs"]
+    assert federation["code"] == 0, procs.err("serve")[-3000:]
+    rounds = [e for e in procs.events("serve") if e["event"] == "round"]
+    assert [e["round"] for e in rounds] == [1, 2]
+    assert all(e["v"] == 1 and e["total"] == 2 for e in rounds)
+    assert rounds[0]["sites"] == 3 and rounds[1]["sites"] == 2
+    assert {"cerebrospinal fluid", "grey matter", "white matter"} <= set(rounds[0]["metrics"]["dice"])
+
+
+def test_each_round_wrote_a_model_that_segments(federation, tmp_path):
+    from uharmony.data import synth
+    from uharmony.infer.segment import Segmenter
+    from uharmony.model.package import load_model
+
+    out = federation["out"]
+    log = read_rounds(out)
+    assert [e["round"] for e in log] == [1, 2]
+    hashes = set()
+    for e in log:
+        _model, card = load_model(out / "rounds" / f"{e['round']:04d}")
+        assert card["training"]["round"] == e["round"] and card["domains"][0]["name"] == "synth-t1"
+        hashes.add(card["weights"]["sha256"])
+    assert len(hashes) == 2  # round 2 changed the model
+    assert load_model(out / "global-model")[1]["weights"]["sha256"] == log[-1]["model_sha256"]
+    case = synth.make_case(80001, "synth-t2", spacing_mm=6.0)
+    synth.write_case(case, tmp_path / "t2.nii.gz")
+    report = Segmenter(out / "global-model", "cpu").segment_files([tmp_path / "t2.nii.gz"], tmp_path / "seg.nii.gz")
+    import nibabel as nib
+
+    seg = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+    assert seg.shape == case.image.shape[-3:] if case.image.ndim > 3 else seg.shape == case.image.shape
+    assert report["domain"]["chosen"] in ("synth-t1", "synth-t2")
+
+
+def test_round_log_has_participants_domains_and_metrics(federation):
+    first = read_rounds(federation["out"])[0]
+    parts = first["participants"]
+    assert sorted(p["domain"] for p in parts) == ["synth-t1", "synth-t1", "synth-t2"]
+    assert sorted(p["samples"] for p in parts) == [2, 2, 3]
+    assert all(p["accepted"] for p in parts) and first["rejected"] == [] and first["failures"] == []
+    assert set(first["domains"]) == {"synth-t1", "synth-t2"}
+    assert first["domains"]["synth-t1"]["sites"] == 2 and first["domains"]["synth-t1"]["samples"] == 5
+    for p in parts:  # what the sites sent: whitelisted metrics only
+        assert set(p["train"]) <= {"samples", "loss", "dice"}
+        assert set(p["evaluate"]) <= {"samples", "loss", "dice", "gate_accuracy"}
+        assert p["bytes_up"] < first["bytes"]["down_per_site"]  # a site sends less than the whole model
+
+
+def test_update_scaled_x100_in_round_2_is_rejected(federation):
+    second = read_rounds(federation["out"])[1]
+    assert len(second["rejected"]) == 1, second
+    bad = second["rejected"][0]
+    assert bad["domain"] == "synth-t1" and bad["reason"].startswith("update norm")
+    accepted = [p for p in second["participants"] if p["accepted"]]
+    assert sorted(p["domain"] for p in accepted) == ["synth-t1", "synth-t2"]
+    norms = [p["update_norm"] for p in second["participants"]]
+    assert max(norms) > 50 * min(norms)
+    assert second["aggregated"] is True
+
+
+def test_sites_emit_round_events(federation):
+    procs = federation["procs"]
+    for site in ("site-a", "site-b"):
+        rounds = [e for e in procs.events(site) if e["event"] == "round"]
+        assert [e["round"] for e in rounds] == [1, 2], procs.err(site)[-2000:]
+        m = rounds[0]["metrics"]
+        assert rounds[0]["total"] == 2 and rounds[0]["sites"] == 3
+        assert isinstance(m["loss"], float) and isinstance(m["gate_accuracy"], float)
+        assert {"cerebrospinal fluid", "grey matter", "white matter"} <= set(m["dice"])
+
+
+def test_sigterm_ends_a_site_cleanly_with_exit_8(federation):
+    import signal
+
+    procs = federation["procs"]
+    procs.kill("site-a", signal.SIGTERM)
+    assert procs.wait("site-a", 30) == 8
+    last = procs.events("site-a")[-1]
+    assert last["event"] == "error" and last["code"] == 8
