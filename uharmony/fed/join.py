@@ -135,7 +135,7 @@ def _supervise(server, data: Path, ca, key, insecure, device, reporter: Reporter
         while True:
             output: deque = deque(maxlen=200)
             proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT)  # our process group: it never outlives us
             pump = threading.Thread(target=_pump, args=(proc.stdout, output,
                                                         lambda s: print(s, file=sys.stderr, flush=True)), daemon=True)
             pump.start()
@@ -171,14 +171,11 @@ def _supervise(server, data: Path, ca, key, insecure, device, reporter: Reporter
         raise
     finally:
         if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            proc.send_signal(signal.SIGTERM)  # the SuperNode signs off, so the site can rejoin at once
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()
         loop.stop()
 

@@ -134,6 +134,7 @@ class UHarmonyStrategy(FedAvg):
         self.entry: dict = {}
         self.responders: list[int] = []
         self.t_round = time.time()
+        self.t_eval: float | None = None
         self.start_info = {"new_run_from_round": self.offset, "resumed_from": s.get("resume_from"),
                            "model_sha256": s.get("resume_sha256")}
 
@@ -163,6 +164,7 @@ class UHarmonyStrategy(FedAvg):
         round_no = self.offset + server_round
         nodes = self.wait_for_sites(grid, round_no)
         self.t_round = time.time()
+        self.t_eval = None
         self.status(state="training", round=round_no, connected=len(nodes), needed=int(self.s["min_sites"]))
         self.entry = {"round": round_no, "run_round": server_round, "sent_to": len(nodes), "participants": [],
                       "rejected": [], "failures": [],
@@ -230,6 +232,8 @@ class UHarmonyStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round, replies):
         e = self.entry
+        if self.t_eval is None:  # evaluation off, or no site answered the training phase
+            return
         e["seconds"]["evaluate_phase"] = round(time.time() - self.t_eval, 2)
         by_site = {p["site"]: p for p in e["participants"]}
         for msg in replies:
