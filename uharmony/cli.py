@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser("generalize", help="U-Harmony vs joint/separate/oracle, with and without GIN, on atlas-based "
                                            "domains and an unseen style; adaptation with 4 cases (~60 min)")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    q.add_argument("--steps", type=int, default=300, help="optimiser steps per model")
+    q.add_argument("--steps", type=int, default=500, help="optimiser steps per model")
     q.add_argument("--cases", type=int, default=12, help="training cases per domain")
     q.add_argument("--work", default=None, help="folder for the generated data and the trained models")
     q.add_argument("--quick", action="store_true", help="tiny smoke run (seconds; the figures mean nothing)")
@@ -210,7 +210,7 @@ def _dispatch(args, reporter: Reporter) -> int:
             if args.from_json:
                 return print_from_json(args.from_json)
             return run_bench_generalize(work=args.work, seeds=tuple(args.seeds), steps=args.steps,
-                                        train_cases=args.cases, val_cases=2 if args.quick else 4, quick=args.quick,
+                                        train_cases=args.cases, val_cases=2 if args.quick else 3, quick=args.quick,
                                         json_path=args.json)
         if args.bench_command == "gate":
             from uharmony.bench.gate import run_bench_gate

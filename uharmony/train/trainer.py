@@ -167,13 +167,13 @@ def route_index(model: UHarmonyNet, item: Prepared, mode: str) -> tuple[int, int
     return gate_choice, gate_choice
 
 
-def predict(model: UHarmonyNet, item: Prepared, routing: int, patch, device) -> torch.Tensor:
+def predict(model: UHarmonyNet, item: Prepared, routing: int, patch, device, overlap: float = OVERLAP) -> torch.Tensor:
     from monai.inferers import sliding_window_inference
 
     x = item.image[None].to(device)
     with torch.no_grad():
         logits = sliding_window_inference(
-            x, roi_size=tuple(patch), sw_batch_size=1, overlap=OVERLAP, mode="gaussian", padding_mode="constant",
+            x, roi_size=tuple(patch), sw_batch_size=1, overlap=overlap, mode="gaussian", padding_mode="constant",
             cval=float(x.min()), predictor=lambda p: _routed(model, p, routing, device))
     return logits[0].float().argmax(0).cpu()
 
@@ -194,7 +194,7 @@ def case_dice(pred: torch.Tensor, ref: torch.Tensor, annotated: list[int]) -> di
 
 
 def evaluate(model: UHarmonyNet, items: dict[str, list[Prepared]], classes: list[str], *, mode: str, patch,
-             device, reporter: Reporter | None = None) -> dict:
+             device, reporter: Reporter | None = None, overlap: float = OVERLAP) -> dict:
     """Dice per class and gate accuracy per domain (domain = the datalists' domain of each case).
 
     ``mode``: ``auto`` routes by the gate (what `uharmony segment --domain auto` does), ``oracle`` by
@@ -215,7 +215,7 @@ def evaluate(model: UHarmonyNet, items: dict[str, list[Prepared]], classes: list
             routing, gate_choice = route_index(model, item, mode)
             if domain in model.domains:
                 hits.append(gate_choice == model.domains.index(domain))
-            pred = predict(model, item, routing, patch, device)
+            pred = predict(model, item, routing, patch, device, overlap)
             for c, v in case_dice(pred, item.labels[0].long(), item.annotated).items():
                 per_class.setdefault(c, []).append(v)
             done += 1
