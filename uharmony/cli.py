@@ -100,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quick", action="store_true", help="tiny smoke run (seconds; the figures mean nothing)")
     q.add_argument("--json", default=None)
     q.add_argument("--from-json", default=None, help="only re-print the table and targets of an earlier --json")
+    q = bsub.add_parser("fed", help="federated (one site per style, FedGIN) vs centralized U-Harmony on the generalize "
+                                    "benchmark's data and budget; bytes and round overhead of a real Flower run")
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    q.add_argument("--rounds", type=int, default=None, help="federated rounds (default 12; quick 2); local steps "
+                                                            "per round = steps / (3 sites x rounds)")
+    q.add_argument("--steps", type=int, default=None, help="the centralized budget (default 500, as generalize)")
+    q.add_argument("--cases", type=int, default=None, help="training cases per domain (default 12)")
+    q.add_argument("--work", default=None, help="folder for the data and the models (generalize's --work to reuse "
+                                                "its data and centralized models)")
+    q.add_argument("--central-json", default=None,
+                   help="reuse the centralized uharmony(+GIN) results of `bench generalize --json` (checked: same "
+                        "budget, seeds, and the cards in --work name the same datalists and config)")
+    q.add_argument("--flower-rounds", type=int, default=None,
+                   help="rounds of the real Flower run for bytes and overhead (default 2; quick 1; 0: none)")
+    q.add_argument("--quick", action="store_true", help="tiny smoke run (about a minute; the figures mean nothing)")
+    q.add_argument("--json", default=None)
+    q.add_argument("--from-json", default=None, help="only re-print the report of an earlier --json")
 
     p = sub.add_parser("train", help="train a model jointly on several datalists (see docs/training.md)", epilog=EPILOG,
                        description="Train one U-Harmony model on one or more MSD-style datalists (dataset.json); "
@@ -212,6 +229,18 @@ def _dispatch(args, reporter: Reporter) -> int:
             return run_bench_generalize(work=args.work, seeds=tuple(args.seeds), steps=args.steps,
                                         train_cases=args.cases, val_cases=2 if args.quick else 3, quick=args.quick,
                                         json_path=args.json)
+        if args.bench_command == "fed":
+            from uharmony.bench.fed import print_from_json as fed_from_json
+            from uharmony.bench.fed import run_bench_fed
+
+            if args.from_json:
+                return fed_from_json(args.from_json)
+            q = args.quick
+            return run_bench_fed(work=args.work, seeds=tuple(args.seeds), quick=q, json_path=args.json,
+                                 rounds=args.rounds or (2 if q else 12), steps=args.steps or (6 if q else 500),
+                                 train_cases=args.cases or (2 if q else 12), val_cases=1 if q else 3,
+                                 central_json=args.central_json,
+                                 flower_rounds=(1 if q else 2) if args.flower_rounds is None else args.flower_rounds)
         if args.bench_command == "gate":
             from uharmony.bench.gate import run_bench_gate
 

@@ -1,0 +1,156 @@
+"""`uharmony bench fed --quick`: the real command end to end on a tiny scale (about a minute).
+
+The centralized and federated models are really trained (a few steps), the federated arm runs the
+real ServerApp strategy and ClientApp in-process, and one round runs over a real SuperLink and three
+real SuperNodes on 127.0.0.1. The figures mean nothing at this scale; what is checked is the report's
+structure, the budget arithmetic, and that the bytes a site sends per round are exactly the sizes of
+the parameter arrays it owns (read back from the global model's safetensors file, not from the code
+that chose them), in-process and over real Flower alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+SITES = ("mri-t1", "mri-t2", "ct")
+UNSEEN = "mri-flair"
+LABELS = ("centralized", "federated", "centralized+GIN", "federated+GIN")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-fed")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("UHARMONY_FED_FAULT", None)
+    done = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--quick", "--seeds", "0",
+                           "--work", str(root / "work"), "--json", str(root / "r.json")],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {"root": root, "stdout": done.stdout, "stderr": done.stderr,
+            "json": json.loads((root / "r.json").read_text())}
+
+
+def owned_bytes(package, domain: str) -> tuple[int, int]:
+    """(bytes of the arrays a `domain` site owns, bytes of all arrays) from the package's safetensors file."""
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(package / "model.safetensors"))
+    others = [d for d in SITES if d != domain]
+    mine = [a for k, a in arrays.items() if not k.startswith("gate.calibration.")
+            and not any(f".harmony.{o}." in k or k.startswith(f"heads.{o}.") for o in others)]
+    return sum(a.nbytes for a in mine), sum(a.nbytes for a in arrays.values())
+
+
+def test_report_table_and_targets(bench):
+    out = bench["stdout"]
+    header = next(x for x in out.splitlines() if x.startswith("| arm |"))
+    assert all(d in header for d in (*SITES, UNSEEN)) and "(unseen)" in header
+    rows = {x.split("|")[1].strip(): x for x in out.splitlines() if x.startswith("| ")}
+    for label in (*LABELS, "**fed/central**", "**fed/central+GIN**"):
+        assert label in rows, out
+        assert rows[label].count("|") == 7  # arm + 4 domains + mean of trained
+    targets = out[out.index("targets:"):].splitlines()[1:]
+    verdicts = [x.split()[1] for x in targets if x.startswith("- ")]
+    assert len(verdicts) == 4 and all(v in ("PASS", "FAIL") for v in verdicts[:3]) and verdicts[3] == "info:"
+    assert "95 %" in targets[0] and "unseen mri-flair" in targets[2]
+
+
+def test_json_scores_ratios_and_budget(bench):
+    r = bench["json"]
+    assert r["partial"] is False and r["quick"] is True and r["seeds"] == [0]
+    assert set(r["runs"]) == set(LABELS)
+    for label in LABELS:
+        scores = r["runs"][label]["0"]
+        for d in (*SITES, UNSEEN):
+            assert 0.0 <= scores[d]["score"] <= 1.0
+    for tag, key in (("", "no-gin"), ("+GIN", "gin")):
+        for d in (*SITES, UNSEEN):
+            want = r["runs"]["federated" + tag]["0"][d]["score"] / r["runs"]["centralized" + tag]["0"][d]["score"]
+            assert r["ratios"][key][d] == pytest.approx(want)
+    p = r["plan"]
+    assert p["steps_per_site"] == p["rounds"] * p["local_steps"]
+    assert p["fed_steps_total"] == 3 * p["steps_per_site"]
+    assert abs(p["fed_steps_total"] - p["central_steps"]) <= 3 * p["rounds"] / 2  # rounding of local steps only
+    assert p["patches_per_domain_fed"] == pytest.approx(p["patches_per_domain_central"], rel=0.25)
+
+
+def test_bytes_per_round_are_the_owned_parameter_arrays(bench):
+    r, work = bench["json"], bench["root"] / "work"
+    assert set(r["fed_runs"]) == {"seed0", "seed0+GIN"}
+    for name, run in r["fed_runs"].items():
+        package = work / "fed" / "seed0" / ("federated" + name[len("seed0"):]) / "federation" / "global-model"
+        assert len(run["bytes"]) == 3 * r["plan"]["rounds"]
+        for row in run["bytes"]:
+            owned, everything = owned_bytes(package, row["domain"])
+            assert row["up_array_bytes"] > 0
+            assert row["up_array_bytes"] == owned == run["expected_up_array_bytes"][row["domain"]]
+            assert row["down_array_bytes"] == everything > owned  # a site gets the whole model, sends its part
+            assert row["up_message_bytes"] > row["up_array_bytes"]  # serialized: the arrays and a little more
+        assert run["rejected"] == []
+    per_domain = r["bytes"]
+    assert set(per_domain) == set(SITES)
+    assert all(len(v["up_array_bytes"]) == 1 for v in per_domain.values())  # the same every round and seed
+
+
+def test_real_flower_round_bytes_and_overhead(bench):
+    fl = bench["json"]["flower"]
+    assert fl["ok"], fl.get("error")
+    assert fl["serve_exit"] == 0 and len(fl["rounds"]) == 1
+    x = fl["rounds"][0]
+    assert x["accepted"] == 3
+    inproc = bench["json"]["bytes"]
+    for d in SITES:
+        assert x["bytes_up"][d] == inproc[d]["up_array_bytes"][0] > 0
+    assert x["bytes_down_per_site"] == inproc[SITES[0]]["down_array_bytes"][0]
+    assert set(x["local_train_seconds"]) == set(SITES)
+    assert 0 < x["slowest_local_train_seconds"] <= x["train_phase_seconds"] <= x["round_seconds"]
+    assert x["overhead_seconds"] == pytest.approx(x["round_seconds"] - x["slowest_local_train_seconds"], abs=0.01)
+    assert x["overhead_ratio"] == pytest.approx(x["overhead_seconds"] / x["slowest_local_train_seconds"], rel=1e-2)
+    assert "real Flower run" in bench["stdout"]
+
+
+def test_from_json_reprints_the_report(bench):
+    done = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--from-json",
+                           str(bench["root"] / "r.json")], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == bench["stdout"].strip()
+
+
+def test_central_results_are_reused_only_when_they_are_the_same_runs(bench, tmp_path):
+    """A generalize JSON with another budget is refused (the centralized arm is not silently mixed in)."""
+    from uharmony.bench import generalize as G
+    from uharmony.bench.fed import reuse_central
+
+    work = bench["root"] / "work"
+    base = G.budget(6, True)
+    datalists = {d: work / "data-6mm" / d / "dataset.json" for d in SITES}
+    fake = {"config": {**base, "steps": 7}, "seeds": [0], "runs": {"uharmony": {"0": {}}, "uharmony+GIN": {"0": {}}}}
+    (tmp_path / "g.json").write_text(json.dumps(fake))
+    with pytest.raises(ValueError, match="budget differs"):
+        reuse_central(str(tmp_path / "g.json"), work, base, [0], datalists)
+    fake["config"] = base  # right budget, but no generalize models in this --work: refused too
+    (tmp_path / "g.json").write_text(json.dumps(fake))
+    with pytest.raises(ValueError, match="card.json is missing"):
+        reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists)
+    # the centralized models this run trained have generalize's config: where generalize keeps them, they are reused
+    fake["runs"] = {"uharmony": {"0": {"mri-t1": {"score": 0.5}}}, "uharmony+GIN": {"0": {"mri-t1": {"score": 0.6}}}}
+    (tmp_path / "g.json").write_text(json.dumps(fake))
+    for tag in ("", "+GIN"):
+        card = json.loads((work / "fed" / "seed0" / f"central{tag}" / "card.json").read_text())
+        (tmp_path / "runs" / "seed0" / f"uharmony{tag}").mkdir(parents=True)
+        (tmp_path / "runs" / "seed0" / f"uharmony{tag}" / "card.json").write_text(json.dumps(card))
+    got = reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists)
+    assert got == {"centralized": {0: {"mri-t1": {"score": 0.5}}}, "centralized+GIN": {0: {"mri-t1": {"score": 0.6}}}}
+    with pytest.raises(ValueError, match="no uharmony run of seed 1"):
+        reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0, 1], datalists)
+    card["training"]["datalists"][0]["sha256"] = "0" * 64  # a model trained on other data: refused
+    (tmp_path / "runs" / "seed0" / "uharmony+GIN" / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="other datalists"):
+        reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists)
+    assert np.isfinite(bench["json"]["minutes"])

@@ -1,0 +1,630 @@
+"""`uharmony bench fed`: federated (one site per style) vs centralized U-Harmony on the cross-modality benchmark.
+
+Data, budget, seeds and scoring are those of `uharmony bench generalize` (`uharmony.bench.generalize`):
+atlas-based heads rendered as mri-t1, mri-t2 and ct (the three sites, one style each) and the unseen
+mri-flair; the same reduced budget (`generalize.budget`); every model scored by the same evaluator
+(mean Dice of CSF, GM and WM per case on the same validation cases, routed by the gate).
+
+Two parts:
+
+1. **Dice (in-process).** Each federated run uses the real federation code in one process: the
+   coordinator is `uharmony.fed.server_app.UHarmonyStrategy` (its ``configure_train`` builds the
+   messages, ``aggregate_train`` checks every reply against the whitelist, screens and aggregates with
+   `uharmony.fed.aggregate`, ``after_round`` writes the global package and the round log) and each site
+   is the installed ClientApp (`uharmony.fed.client_app.app`, called with the message as Flower's
+   executor calls it) on that site's datalist. Only the transport (SuperLink, SuperNodes, gRPC/TLS) is
+   left out; the stand-in for the SuperLink's node list is `_LocalGrid`. Sites train one after
+   another. Evaluation of the sites is off (the global model is scored by the benchmark's evaluator).
+2. **Bytes and round overhead (real Flower).** One short run with a real SuperLink (`uharmony fed serve`,
+   TLS + site authentication) and three real SuperNodes (`uharmony fed join`) on 127.0.0.1, at the
+   benchmark's scale, as the end-to-end tests do (Testing/fed).
+
+Budget matching: the centralized model trains S steps of B patches, its domains drawn uniformly
+(each domain sees ~S*B/3 patches). A federated run has R rounds of L local steps at each of the 3
+sites, L = round(S / (3 R)): every site trains R*L ~ S/3 steps of B patches of its own domain, so
+the federation does 3*R*L ~ S optimiser steps in all and every domain sees as many patches as in
+centralized training (the warm-up + poly decay of the learning rate spans each site's R*L steps; the
+AdamW state restarts every round, as the ClientApp does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from uharmony.bench import generalize as G
+from uharmony.data import heads
+
+SITES = tuple(heads.BENCH_TRAIN_DOMAINS)  # one site per training style
+UNSEEN = heads.BENCH_UNSEEN_DOMAIN
+TARGET_RATIO = 0.95
+
+
+# ----------------------------------------------------------------------------------------- configs
+
+
+def local_steps(steps: int, rounds: int, sites: int = len(SITES)) -> int:
+    """Local steps per round so that every site trains ~steps/sites steps in all (see the module doc)."""
+    return max(1, round(steps / (sites * rounds)))
+
+
+def central_config(base: dict, seed: int, gin: bool) -> dict:
+    """The centralized U-Harmony config of `uharmony bench generalize` for this seed (as its run_train gets it)."""
+    return {**base, "augment": {"gin": gin}, "method": "uharmony", "seed": seed}
+
+
+def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed: int, gin: bool,
+               evaluate: bool = False, address: str = "127.0.0.1:9092", insecure: bool = False) -> dict:
+    """A fed.toml (as a dict) with the benchmark's budget; `uharmony.fed.config` validates it."""
+    from uharmony.train.config import GateConfig, ModelConfig
+
+    model = {**ModelConfig().__dict__, **base["model"]}
+    gate = {**GateConfig().__dict__, **base["gate"]}
+    return {"domains": list(SITES), "classes": list(classes), "name": "bench-fed", "address": address,
+            "out": "federation", "insecure": insecure, "rounds": rounds, "min_sites": len(SITES),
+            "start_sites": len(SITES), "round_timeout_s": 1800.0, "deadline_s": 3600.0, "aggregation": "uharmony",
+            "evaluate": evaluate,
+            "train": {"local_steps": local, "batch_size": base["batch_size"], "patch_size": list(base["patch_size"]),
+                      "spacing_mm": list(base["spacing_mm"]), "fg_prob": base.get("fg_prob", 0.67),
+                      "lr": base["lr"], "seed": seed, "gin": gin, "eval_cases": 1},
+            "model": {k: model[k] for k in ("filters", "strides", "harmony_levels", "poly_degree", "clamp")},
+            "gate": {k: gate[k] for k in ("input_size", "filters", "weight")}}
+
+
+def write_fed_config(folder: Path, cfg: dict):
+    """Write `folder/fed.json` and load it back through `uharmony fed`'s own validation."""
+    from uharmony.fed.config import load_fed_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "fed.json"
+    path.write_text(json.dumps(cfg, indent=1), encoding="utf-8")
+    return load_fed_config(path)
+
+
+def site_array_bytes(model, domain: str) -> int:
+    """Bytes of the parameter arrays a `domain` site sends (the global model's, by `messages.site_keys`)."""
+    from uharmony.fed import messages as M
+    from uharmony.model.package import portable_state_dict
+
+    tensors = portable_state_dict(model)
+    keys = M.site_keys(list(tensors), list(model.domains), domain)
+    return int(sum(tensors[k].numel() * tensors[k].element_size() for k in keys))
+
+
+# ------------------------------------------------------------------------------ in-process federation
+
+
+class _LocalGrid:
+    """What `UHarmonyStrategy.configure_train` asks of Flower's Grid in-process: the connected node ids."""
+
+    def __init__(self, nodes: list[int]):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+class _TaskIdentity:
+    """Flower's task identity (set by flwr-serverapp in a real run) for building messages in-process."""
+
+    def __enter__(self):
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.supercore.task_identity import TaskIdentity
+
+        self.saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+        return self
+
+    def __exit__(self, *exc):
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = self.saved
+
+
+def run_federation_inprocess(cfg_dict: dict, datalists: dict[str, Path], folder: Path, log=None) -> dict:
+    """One federated training with the real ServerApp strategy and ClientApp, in this process.
+
+    Returns {"out": package folder, "rounds": [...], "bytes": [...], "seconds": {...}}.
+    """
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.common.serde import message_to_proto
+
+    from uharmony.fed import client_app
+    from uharmony.fed import messages as M
+    from uharmony.fed.server_app import (
+        GLOBAL,
+        ROUND_LOG,
+        UHarmonyStrategy,
+        initial_model,
+    )
+
+    cfg = write_fed_config(folder, cfg_dict)
+    out = folder / "federation"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    s = {**cfg.to_dict(), "out": str(out), "start_round": 1, "history": [], "resume_from": None,
+         "resume_sha256": None}
+    nodes = {i + 1: d for i, d in enumerate(SITES)}
+    settings_paths = {}
+    for node, domain in nodes.items():
+        p = folder / f"site-{domain}.json"
+        events = folder / f"site-{domain}.events.jsonl"
+        events.unlink(missing_ok=True)
+        p.write_text(json.dumps({"data": str(datalists[domain]), "device": "cpu", "events": str(events)}))
+        settings_paths[node] = p
+    model = initial_model(s)
+    strategy = UHarmonyStrategy(s, model)
+    grid = _LocalGrid(list(nodes))
+    rounds = int(s["rounds"])
+    byte_rows: list[dict] = []
+    t0 = time.time()
+    local_seconds = 0.0
+    old_env = os.environ.get("UHARMONY_FED_SITE_SETTINGS")
+    try:
+        with _TaskIdentity():
+            for r in range(1, rounds + 1):
+                t_round = time.time()
+                msgs = list(strategy.configure_train(r, M.to_arrays(strategy.global_np), ConfigRecord(), grid))
+                replies = []
+                for msg in msgs:
+                    node = int(msg.metadata.dst_node_id)
+                    os.environ["UHARMONY_FED_SITE_SETTINGS"] = str(settings_paths[node])
+                    ctx = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+                    reply = client_app.app(message=msg, context=ctx)
+                    if reply.has_error():
+                        raise RuntimeError(f"site {nodes[node]} failed in round {r}: {reply.error.reason}")
+                    arrays = reply.content[M.ARRAYS]
+                    byte_rows.append({
+                        "round": r, "domain": nodes[node],
+                        "up_array_bytes": int(sum(a.numpy().nbytes for a in arrays.values())),
+                        "up_arrays": len(arrays),
+                        "up_message_bytes": int(message_to_proto(reply).ByteSize()),
+                        "down_array_bytes": int(sum(a.numpy().nbytes for a in msg.content[M.ARRAYS].values())),
+                        "down_message_bytes": int(message_to_proto(msg).ByteSize()),
+                    })
+                    replies.append(reply)
+                arrays, _ = strategy.aggregate_train(r, replies)
+                strategy.after_round(r, arrays)
+                entry = strategy.entry
+                if log:
+                    loss = entry["metrics"].get("loss")
+                    log(f"  round {r}/{rounds}: {sum(p['accepted'] for p in entry['participants'])} of "
+                        f"{len(entry['participants'])} updates aggregated, loss {loss}, "
+                        f"{time.time() - t_round:.1f} s")
+    finally:
+        if old_env is None:
+            os.environ.pop("UHARMONY_FED_SITE_SETTINGS", None)
+        else:
+            os.environ["UHARMONY_FED_SITE_SETTINGS"] = old_env
+    log_entries = [json.loads(x) for x in (out / ROUND_LOG).read_text().splitlines() if x.strip()]
+    for node, domain in nodes.items():
+        ev = [json.loads(x) for x in (folder / f"site-{domain}.events.jsonl").read_text().splitlines() if x.strip()]
+        local_seconds += sum(e["seconds"] for e in ev if e.get("phase") == "train")
+    total = time.time() - t0
+    return {"out": str(out / GLOBAL), "rounds": log_entries, "bytes": byte_rows,
+            "seconds": {"total": round(total, 1), "local_training": round(local_seconds, 1),
+                        "outside_local_training": round(total - local_seconds, 1)}}
+
+
+# ------------------------------------------------------------------------------ real Flower run
+
+
+class _Procs:
+    """Processes of the real Flower run, each in its own session (the pattern of Testing/fed/fed_helpers.py)."""
+
+    def __init__(self, root: Path):
+        self.root, self.procs = root, {}
+
+    def env(self) -> dict:
+        e = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), MKL_NUM_THREADS="1")
+        e.pop("UHARMONY_FED_FAULT", None)
+        return e
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        out = open(self.root / f"{name}.out", "wb")  # noqa: SIM115 - lives as long as the process
+        err = open(self.root / f"{name}.err", "wb")  # noqa: SIM115
+        p = subprocess.Popen([sys.executable, "-m", "uharmony", *args], cwd=self.root, env=self.env(),
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def text(self, name: str, kind: str = "out") -> str:
+        return (self.root / f"{name}.{kind}").read_text(encoding="utf-8", errors="replace")
+
+    def events(self, name: str) -> list[dict]:
+        out = []
+        for x in self.text(name).splitlines():
+            try:
+                out.append(json.loads(x))
+            except ValueError:
+                continue
+        return out
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + 20
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+
+
+def run_flower(cfg_dict: dict, datalists: dict[str, Path], folder: Path, *, timeout: float, log=None) -> dict:
+    """A short real federation (SuperLink + 3 SuperNodes, TLS + keys, 127.0.0.1): its round log and site timings."""
+    import re
+
+    from uharmony.fed.flower import free_port
+    from uharmony.fed.keys import make_ca, make_site_key
+
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    keys = folder / "keys"
+    make_ca(keys)
+    site_keys = {d: make_site_key(d, keys)[0] for d in SITES}
+    port = free_port()
+    cfg = {**cfg_dict, "address": f"127.0.0.1:{port}", "round_timeout_s": float(timeout),
+           "deadline_s": float(timeout)}
+    write_fed_config(folder, cfg)
+    procs = _Procs(folder)
+    t0 = time.time()
+    result: dict = {"ok": False}
+    try:
+        procs.start("serve", ["fed", "serve", "--config", str(folder / "fed.json"), "--progress", "jsonl"])
+        _wait(lambda: any(e.get("message", "").startswith("run ") for e in procs.events("serve"))
+              or procs.procs["serve"].poll() is not None, 120, "the coordinator's run")
+        if procs.procs["serve"].poll() is not None:
+            raise RuntimeError("fed serve exited: " + procs.text("serve", "err")[-800:])
+        for d in SITES:
+            done = subprocess.run([sys.executable, "-m", "uharmony", "fed", "register", f"{site_keys[d]}.pub",
+                                   "--config", str(folder / "fed.json")], env=procs.env(), capture_output=True,
+                                  text=True, timeout=120, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"fed register {d}: {done.stderr[-500:]}")
+        for d in SITES:
+            procs.start(f"site-{d}", ["fed", "join", "--server", f"127.0.0.1:{port}", "--data", str(datalists[d]),
+                                      "--ca", str(keys / "ca.crt"), "--key", str(site_keys[d]), "--device", "cpu",
+                                      "--progress", "jsonl"])
+        if log:
+            log(f"  real Flower run: SuperLink on 127.0.0.1:{port}, 3 SuperNodes, {cfg['rounds']} round(s)")
+        try:
+            code = procs.procs["serve"].wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        result["serve_exit"] = code
+        result["seconds"] = round(time.time() - t0, 1)
+        log_path = folder / "federation" / "rounds.jsonl"
+        rounds = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.exists() else []
+        pat = re.compile(r"round (\d+)/\d+: trained locally \(([\d.]+) s")
+        local: dict[str, dict[int, float]] = {}
+        for d in SITES:
+            for e in procs.events(f"site-{d}"):
+                m = pat.match(str(e.get("message", "")))
+                if m:
+                    local.setdefault(d, {})[int(m.group(1))] = float(m.group(2))
+        result["local_train_seconds"] = local
+        result["rounds"] = [summarise_flower_round(e, local) for e in rounds]
+        result["ok"] = code == 0 and len(rounds) == int(cfg["rounds"])
+        if not result["ok"]:
+            result["error"] = (f"fed serve exit {code}, {len(rounds)} of {cfg['rounds']} rounds: "
+                               + procs.text("serve", "err")[-600:])
+    except Exception as e:  # noqa: BLE001 - reported in the results, the Dice part stands on its own
+        result["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        procs.close()
+    return result
+
+
+def summarise_flower_round(e: dict, local: dict[str, dict[int, float]]) -> dict:
+    """One real round: phases, the slowest site's local training, overhead = the rest of the round."""
+    r = e["round"]
+    secs = e["seconds"]
+    by_node = {p["site"]: p for p in e["participants"]}
+    trained = [local[d][r] for d in local if r in local[d]]
+    slowest = max(trained) if trained else None
+    rnd = float(secs["round"]) - float(secs.get("evaluate_phase", 0.0))
+    return {"round": r, "round_seconds": rnd, "train_phase_seconds": float(secs["train_phase"]),
+            "local_train_seconds": {d: local[d].get(r) for d in local},
+            "slowest_local_train_seconds": slowest,
+            "overhead_seconds": None if slowest is None else round(rnd - slowest, 2),
+            "overhead_ratio": None if not slowest else round((rnd - slowest) / slowest, 3),
+            "bytes_up": {p["domain"]: p["bytes_up"] for p in by_node.values()},
+            "bytes_down_per_site": e["bytes"]["down_per_site"],
+            "accepted": sum(1 for p in e["participants"] if p.get("accepted"))}
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# ------------------------------------------------------------------------------ the centralized arm
+
+
+def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str, Path]) -> dict:
+    """Centralized scores of `uharmony bench generalize --json` if, and only if, they are of the same runs.
+
+    Checks: the JSON's budget equals ours, it holds every seed for uharmony and uharmony+GIN, and each of
+    those models' cards (in ROOT/runs/seed<S>/<label>/card.json, i.e. the same --work) records our
+    training config and the sha256 of our very datalists. Raises ValueError saying what differs.
+    """
+    from uharmony.train.config import load_config
+    from uharmony.train.data import datalist_sha256
+
+    r = json.loads(Path(path).read_text())
+    if r.get("config") != base:
+        raise ValueError(f"{path}: its budget differs from this benchmark's: {r.get('config')} vs {base}")
+    want = [datalist_sha256(datalists[d]) for d in SITES]
+    out: dict = {}
+    for gin in (False, True):
+        label = "uharmony" + ("+GIN" if gin else "")
+        runs = r.get("runs", {}).get(label, {})
+        for seed in seeds:
+            if str(seed) not in runs and seed not in runs:
+                raise ValueError(f"{path}: no {label} run of seed {seed}")
+            card_path = root / "runs" / f"seed{seed}" / label / "card.json"
+            if not card_path.is_file():
+                raise ValueError(f"{card_path} is missing: the centralized models must be in the same --work")
+            card = json.loads(card_path.read_text())
+            tmp = root / "fed" / "central-check.json"
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(central_config(base, seed, gin)))
+            cfg, _ = load_config(str(tmp))
+            if card["training"]["config"] != cfg.to_dict():
+                raise ValueError(f"{card_path}: trained with another config than {central_config(base, seed, gin)}")
+            got = [x["sha256"] for x in card["training"]["datalists"]]
+            if got != want:
+                raise ValueError(f"{card_path}: trained on other datalists than {[str(datalists[d]) for d in SITES]}")
+            out.setdefault("centralized" + ("+GIN" if gin else ""), {})[seed] = runs.get(str(seed), runs.get(seed))
+    return out
+
+
+# ------------------------------------------------------------------------------ the benchmark
+
+
+def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12, steps: int = 500,
+                  train_cases: int = 12, val_cases: int = 3, quick: bool = False, json_path: str | None = None,
+                  central_json: str | None = None, flower_rounds: int = 2, flower_timeout: float = 900.0) -> int:
+    from uharmony.data.datalist import union_label_space
+    from uharmony.data.sources import cache_root
+    from uharmony.model.package import load_model
+    from uharmony.progress import Reporter
+    from uharmony.train.data import load_datasets
+    from uharmony.train.trainer import run_train
+
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    root = Path(work) if work else cache_root().parent / "bench-generalize"
+    root.mkdir(parents=True, exist_ok=True)
+    base = G.budget(steps, quick)
+    data = G.make_data(root, train=train_cases, val=val_cases, spacing=base["spacing_mm"][0])
+    datalists = {d: data[d] for d in SITES}
+    union, _ = union_label_space(load_datasets([str(datalists[d]) for d in SITES]))
+    classes = list(union[1:])
+    local = local_steps(steps, rounds)
+    patch = tuple(base["patch_size"])
+    plan = {"central_steps": steps, "batch_size": base["batch_size"], "sites": len(SITES), "rounds": rounds,
+            "local_steps": local, "steps_per_site": rounds * local, "fed_steps_total": len(SITES) * rounds * local,
+            "patches_per_domain_central": steps * base["batch_size"] / len(SITES),
+            "patches_per_domain_fed": rounds * local * base["batch_size"]}
+    log(f"budget: centralized {steps} steps x {base['batch_size']} patches (domains uniform); federated "
+        f"{len(SITES)} sites x {rounds} rounds x {local} local steps = {plan['fed_steps_total']} steps "
+        f"({plan['steps_per_site']} per site)")
+    results: dict[str, dict[int, dict]] = {}
+    extra: dict = {"central_source": None, "fed_runs": {}, "flower": None}
+    evaluate_with = None
+
+    def evaluator(model):
+        nonlocal evaluate_with
+        if evaluate_with is None:
+            evaluate_with = G._evaluator(data, base["spacing_mm"], model.gate.downsample)
+        return evaluate_with
+
+    def save(partial: bool) -> dict:
+        summary = G.summarise(results)
+        doc = {"summary": summary, "ratios": ratios(summary), "runs": results, "config": base, "seeds": list(seeds),
+               "classes": classes, "plan": plan, "bytes": bytes_summary(extra["fed_runs"]),
+               "targets": check_targets(summary), "minutes": round((time.time() - t0) / 60, 1),
+               "partial": partial, "quick": quick, **extra}
+        if json_path:
+            Path(json_path).write_text(json.dumps(doc, indent=1, default=str))
+        return doc
+
+    def record(label: str, seed: int, scores: dict) -> None:
+        results.setdefault(label, {})[seed] = scores
+        log(f"seed {seed} {label:<16} " + " ".join(
+            f"{d}={scores[d]['score']:.3f}" for d in (*SITES, UNSEEN) if d in scores and scores[d]["score"] is not None))
+
+    # -- centralized arm
+    if central_json:
+        try:
+            for label, per in reuse_central(central_json, root, base, seeds, datalists).items():
+                for seed, scores in per.items():
+                    record(label, seed, scores)
+            extra["central_source"] = f"reused from {central_json} (same data, config and seeds; cards checked)"
+        except ValueError as e:
+            log(f"not reusing the centralized results: {e}; training them here")
+    if extra["central_source"] is None:
+        rep = Reporter("none")
+        for seed in seeds:
+            for gin in (False, True):
+                tag = "+GIN" if gin else ""
+                out = root / "fed" / f"seed{seed}" / ("central" + tag)
+                cfg_path = out.with_name(out.name + ".json")
+                cfg_path.parent.mkdir(parents=True, exist_ok=True)
+                cfg_path.write_text(json.dumps(central_config(base, seed, gin)))
+                run_train([str(datalists[d]) for d in SITES], str(out), str(cfg_path), overwrite=True, reporter=rep,
+                          argv=["bench", "fed"])
+                model, _ = load_model(out)
+                record("centralized" + tag, seed, evaluator(model)(model, "auto", patch))
+        extra["central_source"] = "trained here with the config of `uharmony bench generalize`"
+    save(partial=True)
+
+    # -- federated arm (in-process)
+    for seed in seeds:
+        for gin in (False, True):
+            tag = "+GIN" if gin else ""
+            folder = root / "fed" / f"seed{seed}" / ("federated" + tag)
+            log(f"seed {seed} federated{tag}: {rounds} rounds x {local} local steps at {len(SITES)} sites (in-process)")
+            cfg = fed_config(base, classes=classes, rounds=rounds, local=local, seed=seed, gin=gin)
+            run = run_federation_inprocess(cfg, datalists, folder, log=log)
+            model, _ = load_model(run["out"])
+            expected = {d: site_array_bytes(model, d) for d in SITES}
+            extra["fed_runs"][f"seed{seed}{tag}"] = {"bytes": run["bytes"], "expected_up_array_bytes": expected,
+                                                     "seconds": run["seconds"],
+                                                     "rejected": [x for e in run["rounds"] for x in e["rejected"]],
+                                                     "round_seconds": [e["seconds"]["round"] for e in run["rounds"]]}
+            record("federated" + tag, seed, evaluator(model)(model, "auto", patch))
+            save(partial=True)
+
+    # -- one short real Flower run: bytes and round overhead
+    if flower_rounds > 0:
+        log(f"real Flower run: {flower_rounds} round(s) x {local} local steps, 3 sites, TLS + keys on 127.0.0.1")
+        cfg = fed_config(base, classes=classes, rounds=flower_rounds, local=local, seed=seeds[0], gin=True)
+        extra["flower"] = run_flower(cfg, datalists, root / "fed" / "flower-run", timeout=flower_timeout, log=log)
+        if not extra["flower"]["ok"]:
+            log(f"the real Flower run failed: {extra['flower'].get('error', '')[:400]}")
+    doc = save(partial=False)
+    print(format_report(doc))
+    return 0
+
+
+# ------------------------------------------------------------------------------ summaries and the table
+
+
+def ratios(summary: dict) -> dict:
+    """fed/central ratio of the mean Dice over seeds, per domain and GIN setting (+ per-seed spread)."""
+    out = {}
+    for tag in ("", "+GIN"):
+        c, f = summary.get("centralized" + tag), summary.get("federated" + tag)
+        if not c or not f:
+            continue
+        row = {d: f[d]["mean"] / c[d]["mean"] for d in (*SITES, UNSEEN) if d in c and d in f and c[d]["mean"]}
+        trained_c = [c[d]["mean"] for d in SITES if d in c]
+        trained_f = [f[d]["mean"] for d in SITES if d in f]
+        if len(trained_c) == len(SITES) and len(trained_f) == len(SITES):
+            row["mean of trained"] = float(np.mean(trained_f) / np.mean(trained_c))
+        out["gin" if tag else "no-gin"] = row
+    return out
+
+
+def bytes_summary(fed_runs: dict) -> dict:
+    """Per domain: bytes a site sends and receives per round (they are the same every round and seed)."""
+    per: dict[str, dict] = {}
+    for run in fed_runs.values():
+        for b in run["bytes"]:
+            p = per.setdefault(b["domain"], {k: set() for k in ("up_array_bytes", "up_message_bytes",
+                                                                 "down_array_bytes", "down_message_bytes")})
+            for k in p:
+                p[k].add(b[k])
+    return {d: {k: sorted(v) for k, v in p.items()} for d, p in per.items()}
+
+
+def check_targets(summary: dict) -> list[str]:
+    lines = ["targets:"]
+    r = ratios(summary)
+    for tag, key in (("", "no-gin"), ("+GIN", "gin")):
+        if key in r:
+            row = r[key]
+            ok = all(row.get(d, 0) >= TARGET_RATIO for d in SITES)
+            lines.append(f"- {'PASS' if ok else 'FAIL'} federated{tag} >= {100 * TARGET_RATIO:.0f} % of centralized{tag}"
+                         " on every trained domain: " + ", ".join(f"{d} {100 * row[d]:.0f} %" for d in SITES if d in row)
+                         + (f" (mean of trained {100 * row['mean of trained']:.0f} %" if "mean of trained" in row else "")
+                         + (f"; unseen {UNSEEN} {100 * row[UNSEEN]:.0f} %, not a criterion)" if UNSEEN in row else ")"))
+    for arm in ("federated", "centralized"):
+        a = summary.get(arm, {}).get(UNSEEN, {}).get("mean")
+        b = summary.get(arm + "+GIN", {}).get(UNSEEN, {}).get("mean")
+        if a is not None and b is not None:
+            target = arm == "federated"
+            verdict = ("PASS" if b > a else "FAIL") if target else "info:"
+            lines.append(f"- {verdict} GIN ahead of no-GIN on the unseen {UNSEEN} ({arm}): "
+                         f"{100 * a:.1f} -> {100 * b:.1f} ({100 * (b - a):+.1f})")
+    return lines
+
+
+def format_report(doc: dict) -> str:
+    summary, plan = doc["summary"], doc["plan"]
+    doms = [*SITES, UNSEEN]
+    lines = [(f"Dice (mean of CSF, GM, WM; mean ± sd over seeds {', '.join(map(str, doc['seeds']))}), "
+             f"{'QUICK smoke run, not meaningful; ' if doc.get('quick') else ''}{doc['minutes']:.1f} min in all"),
+             (f"centralized: {plan['central_steps']} steps x {plan['batch_size']} patches ({doc['central_source']}); "
+             f"federated (in-process: real ServerApp strategy + ClientApp, no transport): {plan['sites']} sites x "
+             f"{plan['rounds']} rounds x {plan['local_steps']} local steps = {plan['fed_steps_total']} steps"),
+             "",
+             "| arm | " + " | ".join(d + (" (unseen)" if d == UNSEEN else "") for d in doms) + " | mean of trained |",
+             "|" + "---|" * (len(doms) + 2)]
+    r = doc["ratios"]
+    for tag, key in (("", "no-gin"), ("+GIN", "gin")):
+        for arm in ("centralized", "federated"):
+            row = summary.get(arm + tag)
+            if not row:
+                continue
+            cells = [("n/a" if d not in row else f"{100 * row[d]['mean']:.1f} ± {100 * row[d]['sd']:.1f}") for d in doms]
+            trained = [row[d]["mean"] for d in SITES if d in row]
+            cells.append(f"{100 * np.mean(trained):.1f}" if trained else "n/a")
+            lines.append(f"| {arm}{tag} | " + " | ".join(cells) + " |")
+        if key in r:
+            cells = [f"{100 * r[key][d]:.0f} %" if d in r[key] else "n/a" for d in doms]
+            cells.append(f"{100 * r[key]['mean of trained']:.0f} %" if "mean of trained" in r[key] else "n/a")
+            lines.append(f"| **fed/central{tag}** | " + " | ".join(cells) + " |")
+    gates = {label: {d: row[d]["gate"] for d in SITES if d in row and "gate" in row[d]} for label, row in summary.items()}
+    gates = {k: v for k, v in gates.items() if v}
+    if gates:
+        lines += ["", "gate accuracy on the trained domains: " + "; ".join(
+            f"{k}: " + ", ".join(f"{d} {100 * a:.0f}%" for d, a in v.items()) for k, v in gates.items())]
+    lines += ["", "bytes per site per round (federated, in-process; the same in every round and seed):",
+              "| site | up: arrays | up: serialized message | down: arrays | down: serialized message |",
+              "|---|---|---|---|---|"]
+    for d, b in doc["bytes"].items():
+        lines.append(f"| {d} | " + " | ".join("/".join(f"{v:,}" for v in b[k]) for k in
+                                               ("up_array_bytes", "up_message_bytes", "down_array_bytes",
+                                                "down_message_bytes")) + " |")
+    fl = doc.get("flower")
+    if fl:
+        lines += ["", "real Flower run (SuperLink + 3 SuperNodes, TLS + keys, 127.0.0.1; sites evaluate nothing):"]
+        if fl.get("rounds"):
+            lines += [("| round | round s (excl. evaluation) | train phase s | slowest local training s | overhead s "
+                      "| overhead / local training | bytes up per site |"), "|---|---|---|---|---|---|---|"]
+            for x in fl["rounds"]:
+                ratio = "n/a" if x["overhead_ratio"] is None else f"{100 * x['overhead_ratio']:.0f} %"
+                lines.append(f"| {x['round']} | {x['round_seconds']:.1f} | {x['train_phase_seconds']:.1f} | "
+                             f"{x['slowest_local_train_seconds']} | {x['overhead_seconds']} | {ratio} | "
+                             + ", ".join(f"{d} {v:,}" for d, v in x["bytes_up"].items()) + " |")
+        if not fl.get("ok"):
+            lines.append(f"FAILED: {str(fl.get('error'))[:300]}")
+    lines += ["", *doc["targets"]]
+    return "\n".join(lines)
+
+
+def print_from_json(path: str) -> int:
+    print(format_report(json.loads(Path(path).read_text())))
+    return 0
