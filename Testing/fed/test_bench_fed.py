@@ -147,6 +147,10 @@ def test_central_results_are_reused_only_when_they_are_the_same_runs(bench, tmp_
         (tmp_path / "runs" / "seed0" / f"uharmony{tag}" / "card.json").write_text(json.dumps(card))
     got = reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists)
     assert got == {"centralized": {0: {"mri-t1": {"score": 0.5}}}, "centralized+GIN": {0: {"mri-t1": {"score": 0.6}}}}
+    assert reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists, card["architecture"]) == got
+    with pytest.raises(ValueError, match="another architecture"):
+        reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists,
+                      {**card["architecture"], "filters": [8, 8, 8]})
     with pytest.raises(ValueError, match="no uharmony run of seed 1"):
         reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0, 1], datalists)
     card["training"]["datalists"][0]["sha256"] = "0" * 64  # a model trained on other data: refused

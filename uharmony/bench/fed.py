@@ -367,12 +367,14 @@ def _wait(predicate, timeout: float, what: str) -> None:
 # ------------------------------------------------------------------------------ the centralized arm
 
 
-def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str, Path]) -> dict:
+def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str, Path], arch: dict | None = None) -> dict:
     """Centralized scores of `uharmony bench generalize --json` if, and only if, they are of the same runs.
 
     Checks: the JSON's budget equals ours, it holds every seed for uharmony and uharmony+GIN, and each of
     those models' cards (in ROOT/runs/seed<S>/<label>/card.json, i.e. the same --work) records our
-    training config and the sha256 of our very datalists. Raises ValueError saying what differs.
+    training config and the sha256 of our very datalists (and, given `arch`, the federated model's
+    architecture: then both arms also start from the same weights, torch seeded with the seed). Raises
+    ValueError saying what differs.
     """
     from uharmony.train.config import load_config
     from uharmony.train.data import datalist_sha256
@@ -398,6 +400,8 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
             cfg, _ = load_config(str(tmp))
             if card["training"]["config"] != cfg.to_dict():
                 raise ValueError(f"{card_path}: trained with another config than {central_config(base, seed, gin)}")
+            if arch is not None and card["architecture"] != arch:
+                raise ValueError(f"{card_path}: another architecture than the federated model's {arch}")
             got = [x["sha256"] for x in card["training"]["datalists"]]
             if got != want:
                 raise ValueError(f"{card_path}: trained on other datalists than {[str(datalists[d]) for d in SITES]}")
@@ -467,7 +471,12 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
     # -- centralized arm
     if central_json:
         try:
-            for label, per in reuse_central(central_json, root, base, seeds, datalists).items():
+            from uharmony.fed.server_app import arch_of
+
+            cfg = write_fed_config(root / "fed" / "arch-check", fed_config(
+                base, classes=classes, rounds=rounds, local=local, seed=seeds[0], gin=True))
+            arch = arch_of({**cfg.to_dict(), "out": str(root / "fed" / "arch-check")})
+            for label, per in reuse_central(central_json, root, base, seeds, datalists, arch).items():
                 for seed, scores in per.items():
                     record(label, seed, scores)
             extra["central_source"] = f"reused from {central_json} (same data, config and seeds; cards checked)"
