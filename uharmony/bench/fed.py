@@ -414,7 +414,7 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
 
 def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12, steps: int = 500,
                   train_cases: int = 12, val_cases: int = 3, quick: bool = False, json_path: str | None = None,
-                  central_json: str | None = None, flower_rounds: int = 2, flower_timeout: float = 900.0) -> int:
+                  central_json: str | None = None, flower_rounds: int = 2, flower_timeout: float = 600.0) -> int:
     from uharmony.data.datalist import union_label_space
     from uharmony.data.sources import cache_root
     from uharmony.model.package import load_model
