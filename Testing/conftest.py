@@ -26,7 +26,7 @@ def isolated_model_folder(tmp_path_factory, monkeypatch):
 def starter_dir() -> Path:
     from uharmony.model.registry import bundled_model_dir
 
-    path = bundled_model_dir()
+    path = bundled_model_dir("starter")  # the small bundled model: fast; the default is the brain model
     assert (path / "card.json").is_file(), "the bundled starter model is missing"
     return path
 

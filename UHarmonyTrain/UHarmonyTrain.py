@@ -274,7 +274,7 @@ class UHarmonyTrainWidget(ScriptedLoadableModuleWidget):
     def adaptRequest(self) -> AdaptRequest:
         useDatalist = self.ui.datalistRadioButton.checked
         return AdaptRequest(
-            base_model=WidgetHelpers.combo_value(self.ui.baseModelSelector) or "starter",
+            base_model=WidgetHelpers.combo_value(self.ui.baseModelSelector) or "brain",
             cases=[] if useDatalist else list(self.cases),
             datalist=self.ui.datalistPathLineEdit.currentPath if useDatalist else None,
             domain=self.domainChoice(), new_modality=self.ui.newModalityCheckBox.checked,
@@ -434,8 +434,8 @@ class UHarmonyTrainLogic(ScriptedLoadableModuleLogic):
         from UHarmonyTrainLib.Adapt import AdaptRequest
         from UHarmonyTrainLib.Cases import SceneCase
         logic = slicer.util.getModuleLogic("UHarmonyTrain")
-        request = AdaptRequest(base_model="starter", cases=[SceneCase(volume, segmentation)], domain="mri-flair",
-                               new_modality=True, steps=100, model_name="starter-flair")
+        request = AdaptRequest(base_model="brain", cases=[SceneCase(volume, segmentation)], domain="mri-swi",
+                               new_modality=True, steps=100, model_name="brain-swi")
         result = logic.adapt.adapt_sync(request)   # blocks; result.succeeded, result.message, result.history
     """
 

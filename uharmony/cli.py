@@ -7,7 +7,9 @@ Expected failures print one line ``uharmony: error: <file>: <problem>`` and exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -163,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(reporter, ExitCode.CANCELLED, "cancelled")
     except MemoryError:
         return _fail(reporter, ExitCode.OUT_OF_MEMORY, "ran out of memory")
+    except BrokenPipeError:  # `uharmony info | head`: the reader left; not an error of ours
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # a bug: show everything
         import traceback
 

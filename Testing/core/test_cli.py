@@ -231,12 +231,15 @@ def test_models_add_list_remove_and_tamper(tiny_model, isolated_model_folder, ph
 
 
 def test_info_prints_the_card(starter_dir):
-    p = run("info")
+    p = run("info", "--model", "starter")
     assert p.returncode == 0, p.stderr
     for needle in ("synth-t1", "synth-t2", "white matter", "intended use", "sha256", "2 x 2 x 2 mm"):
         assert needle in p.stdout
-    card = json.loads(run("info", "--json").stdout)
+    card = json.loads(run("info", "--model", "starter", "--json").stdout)
     assert card["name"] == "uharmony-starter"
+    default = json.loads(run("info", "--json").stdout)  # no --model: the bundled default, the brain model
+    assert default["name"] == "brain" and [d["name"] for d in default["domains"]] == [
+        "mri-t1", "mri-t2", "mri-flair", "ct"]
 
 
 def test_every_subcommand_has_help():

@@ -78,7 +78,7 @@ def direct_run(sample, tmp_path_factory):
     folder = tmp_path_factory.mktemp("direct")
     out, report = folder / "labels.nii.gz", folder / "report.json"
     done = subprocess.run([sys.executable, "-m", "uharmony", "segment", sample[0], "-o", str(out), "--report", str(report),
-                           "--device", "cpu"], cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True)
+                           "--device", "cpu", "--model", "starter"], cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     label = nib.load(out)
     return np.asarray(label.dataobj).astype(np.uint8).transpose(2, 1, 0), label.affine, json.loads(report.read_text())
@@ -104,7 +104,8 @@ def test_real_segment_of_oblique_flipped_volume_is_aligned_and_complete(scene, t
     logic = logic_for(scene, tmp_path)
     stages = []
     started = time.monotonic()
-    result = logic.segment_sync([volume], device="cpu", on_progress=lambda stage, *rest: stages.append(stage))
+    result = logic.segment_sync([volume], model="starter", device="cpu",  # the small bundled model: fast
+                                on_progress=lambda stage, *rest: stages.append(stage))
     elapsed = time.monotonic() - started
     assert result.succeeded, result.message
     assert elapsed < 120
@@ -204,7 +205,8 @@ def test_real_bad_input_reports_message_and_exit_code(scene, tmp_path, ready):
 def test_real_library_commands_feed_the_widget(ready):
     commands = LibraryCommands(python_executable=sys.executable, environment=ENV, runner_factory=SubprocessRunner)
     choices = model_choices(commands.list_models())
-    assert choices[0].value == "starter" and choices[0].enabled and "bundled" in choices[0].label
+    assert choices[0].value == "brain" and choices[0].enabled and "bundled" in choices[0].label  # the default
+    assert any(c.value == "starter" and c.enabled for c in choices)
     devices = commands.devices()
     assert {"cuda", "mps", "auto"} <= set(devices)
     got = []

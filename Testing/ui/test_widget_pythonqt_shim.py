@@ -96,7 +96,7 @@ def make_widget(env):
 
 def test_widget_setup_fills_controls_from_the_library(env):
     widget, ui = make_widget(env)
-    assert ui.modelSelector.currentText == "starter (bundled)"
+    assert ui.modelSelector.currentText == "brain (bundled)"  # the default model comes first
     assert ui.deviceSelector.itemText(0).startswith("Auto (")
     assert ui.domainSelector.count == 1 + len(widget._card["domains"])
     assert widget._card["intended_use"][:20] in ui.intendedUseLabel.text
@@ -183,7 +183,7 @@ def test_widget_add_model_validates_and_lists_it(env, monkeypatch, tmp_path):
 
     widget, ui = make_widget(env)
     qt = sys.modules["qt"]
-    assert ui.modelSelector.count == 1
+    assert ui.modelSelector.count == 2  # the two bundled models
     # a folder that is not a model package: refused, with the library's message
     empty = tmp_path / "not-a-model"
     empty.mkdir()
@@ -199,8 +199,8 @@ def test_widget_add_model_validates_and_lists_it(env, monkeypatch, tmp_path):
     monkeypatch.setattr(qt.QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(copy)))
     widget._models = None
     ui.addModelButton._obj.click()
-    pump(lambda: widget._models is not None and len(widget._models) == 2)
-    assert ui.modelSelector.count == 2
+    pump(lambda: widget._models is not None and len(widget._models) == 3)
+    assert ui.modelSelector.count == 3
     assert ui.statusLabel.text == "Model added to your model folder."
     assert os.listdir(tmp_path / "user-models")  # it went into the (isolated) user model folder
     widget.cleanup()

@@ -5,8 +5,8 @@ Usage (Slicer's Python console, a script, a test)::
     from UHarmonySegmentLib import SubprocessRunner
     from UHarmonyTrainLib import AdaptLogic, AdaptRequest, SceneCase
     logic = AdaptLogic(slicer.mrmlScene, SubprocessRunner())
-    request = AdaptRequest(base_model="starter", cases=[SceneCase(volume, segmentation)], domain="mri-flair",
-                           new_modality=True, steps=100, model_name="starter-flair")
+    request = AdaptRequest(base_model="brain", cases=[SceneCase(volume, segmentation)], domain="mri-swi",
+                           new_modality=True, steps=100, model_name="brain-swi")
     result = logic.adapt_sync(request)
     print(result.model_name, result.history.summary())
 
@@ -58,7 +58,7 @@ ADAPT_STAGES = {"load": (0.0, 0.05), "train": (0.05, 0.95), "save": (0.95, 1.0)}
 class AdaptRequest:
     """What to adapt, on what, how long, and under which name to save it."""
 
-    base_model: str = "starter"  # a name of `uharmony models list` (the bundled one by default) or a folder
+    base_model: str = "brain"  # a name of `uharmony models list` (the bundled default brain model) or a folder
     cases: list[SceneCase] = field(default_factory=list)  # labelled scene cases, or:
     datalist: str | None = None  # a dataset.json (or a folder holding one)
     domain: str = ""  # the domain of the cases: a new modality's name, or one of the model's domains

@@ -26,7 +26,9 @@ from uharmony.errors import BadModelError, OutputError
 from uharmony.model.card import CARD_FILE, WEIGHTS_FILE, load_card
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL = "starter"
+# The default: the brain model (issue 4) when it is bundled; the small starter model otherwise (it stays
+# bundled as the tests' fast fixture).
+DEFAULT_MODEL = "brain" if (BUNDLED_DIR / "brain" / "card.json").is_file() else "starter"
 TRUST_FILE = "trusted.json"
 
 

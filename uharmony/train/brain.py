@@ -66,6 +66,8 @@ def finish_card(card: dict, real: dict) -> dict:
                            "T2/PD-like, FLAIR-like, CT), trained on atlas-based synthetic heads with GIN.")
     card["intended_use"] = INTENDED_USE
     card["limitations"] = list(LIMITATIONS)
+    # 27 instead of 64 windows on a 200^3 1 mm head: the under-a-minute CPU budget (docs/benchmarks.md)
+    card["input"]["overlap"] = 0.25
     training = dict(card["training"])
     training["command"] = "make brain-model (python -m uharmony.train.brain data/train/finish)"
     training["generator"] = {"module": "uharmony.data.heads", "atlas_version": heads.ATLAS_VERSION,
