@@ -21,6 +21,7 @@ import pytest
 SITES = ("mri-t1", "mri-t2", "ct")
 UNSEEN = "mri-flair"
 LABELS = ("centralized", "federated", "centralized+GIN", "federated+GIN")
+ORACLE = ("centralized-oracle", "federated-oracle", "centralized-oracle+GIN", "federated-oracle+GIN")
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +56,27 @@ def test_report_table_and_targets(bench):
     for label in (*LABELS, "**fed/central**", "**fed/central+GIN**"):
         assert label in rows, out
         assert rows[label].count("|") == 7  # arm + 4 domains + mean of trained
+    for label in (*ORACLE, "**fed/central-oracle**", "**fed/central-oracle+GIN**"):
+        assert rows[label].count("|") == 6  # arm + 3 trained domains + mean of trained
     targets = out[out.index("targets:"):].splitlines()[1:]
     verdicts = [x.split()[1] for x in targets if x.startswith("- ")]
-    assert len(verdicts) == 4 and all(v in ("PASS", "FAIL") for v in verdicts[:3]) and verdicts[3] == "info:"
-    assert "95 %" in targets[0] and "unseen mri-flair" in targets[2]
+    assert len(verdicts) == 6 and all(v in ("PASS", "FAIL") for v in verdicts[:3])
+    assert verdicts[3:] == ["info:"] * 3
+    assert "95 %" in targets[0] and "unseen mri-flair" in targets[2] and "oracle" in targets[4]
 
 
 def test_json_scores_ratios_and_budget(bench):
     r = bench["json"]
     assert r["partial"] is False and r["quick"] is True and r["seeds"] == [0]
-    assert set(r["runs"]) == set(LABELS)
-    for label in LABELS:
+    assert set(r["runs"]) == set(LABELS) | set(ORACLE)
+    for label in (*LABELS, *ORACLE):
         scores = r["runs"][label]["0"]
-        for d in (*SITES, UNSEEN):
+        assert set(scores) == ({*SITES, UNSEEN} if label in LABELS else set(SITES))  # no true domain for unseen
+        for d in scores:
             assert 0.0 <= scores[d]["score"] <= 1.0
-    for tag, key in (("", "no-gin"), ("+GIN", "gin")):
-        for d in (*SITES, UNSEEN):
+    for tag, key, doms in (("", "no-gin", (*SITES, UNSEEN)), ("+GIN", "gin", (*SITES, UNSEEN)),
+                           ("-oracle", "oracle-no-gin", SITES), ("-oracle+GIN", "oracle-gin", SITES)):
+        for d in doms:
             want = r["runs"]["federated" + tag]["0"][d]["score"] / r["runs"]["centralized" + tag]["0"][d]["score"]
             assert r["ratios"][key][d] == pytest.approx(want)
     p = r["plan"]
@@ -112,6 +118,10 @@ def test_real_flower_round_bytes_and_overhead(bench):
     assert 0 < x["slowest_local_train_seconds"] <= x["train_phase_seconds"] <= x["round_seconds"]
     assert x["overhead_seconds"] == pytest.approx(x["round_seconds"] - x["slowest_local_train_seconds"], abs=0.01)
     assert x["overhead_ratio"] == pytest.approx(x["overhead_seconds"] / x["slowest_local_train_seconds"], rel=1e-2)
+    # the split of the overhead around the last site's training adds up to the round (within the rounding)
+    assert x["last_site_before_training_seconds"] >= -1.0 and x["after_last_site_trained_seconds"] >= -1.0
+    assert (x["until_last_site_trained_seconds"] + x["after_last_site_trained_seconds"]
+            == pytest.approx(x["round_seconds"], abs=0.05))
     assert "real Flower run" in bench["stdout"]
 
 
@@ -139,14 +149,16 @@ def test_central_results_are_reused_only_when_they_are_the_same_runs(bench, tmp_
     with pytest.raises(ValueError, match="card.json is missing"):
         reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists)
     # the centralized models this run trained have generalize's config: where generalize keeps them, they are reused
-    fake["runs"] = {"uharmony": {"0": {"mri-t1": {"score": 0.5}}}, "uharmony+GIN": {"0": {"mri-t1": {"score": 0.6}}}}
+    fake["runs"] = {"uharmony": {"0": {"mri-t1": {"score": 0.5}}}, "uharmony+GIN": {"0": {"mri-t1": {"score": 0.6}}},
+                    "oracle": {"0": {"mri-t1": {"score": 0.7}}}}
     (tmp_path / "g.json").write_text(json.dumps(fake))
     for tag in ("", "+GIN"):
         card = json.loads((work / "fed" / "seed0" / f"central{tag}" / "card.json").read_text())
         (tmp_path / "runs" / "seed0" / f"uharmony{tag}").mkdir(parents=True)
         (tmp_path / "runs" / "seed0" / f"uharmony{tag}" / "card.json").write_text(json.dumps(card))
     got = reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists)
-    assert got == {"centralized": {0: {"mri-t1": {"score": 0.5}}}, "centralized+GIN": {0: {"mri-t1": {"score": 0.6}}}}
+    assert got == {"centralized": {0: {"mri-t1": {"score": 0.5}}}, "centralized+GIN": {0: {"mri-t1": {"score": 0.6}}},
+                   "centralized-oracle": {0: {"mri-t1": {"score": 0.7}}}}  # the same models routed by the true domain
     assert reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists, card["architecture"]) == got
     with pytest.raises(ValueError, match="another architecture"):
         reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists,

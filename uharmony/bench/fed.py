@@ -34,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -309,15 +310,31 @@ def run_flower(cfg_dict: dict, datalists: dict[str, Path], folder: Path, *, time
                                       "--progress", "jsonl"])
         if log:
             log(f"  real Flower run: SuperLink on 127.0.0.1:{port}, 3 SuperNodes, {cfg['rounds']} round(s)")
+        pat = re.compile(r"round (\d+)/\d+: trained locally \(([\d.]+) s")
+        stamps: dict[str, dict[int, float]] = {}  # when each site's "trained locally" line appeared (+<= 0.75 s)
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                for d in SITES:
+                    for e in procs.events(f"site-{d}"):
+                        m = pat.match(str(e.get("message", "")))
+                        if m:
+                            stamps.setdefault(d, {}).setdefault(int(m.group(1)), time.time())
+                stop.wait(0.25)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         try:
             code = procs.procs["serve"].wait(timeout)
         except subprocess.TimeoutExpired:
             code = None
+        stop.set()
+        watcher.join(5)
         result["serve_exit"] = code
         result["seconds"] = round(time.time() - t0, 1)
         log_path = folder / "federation" / "rounds.jsonl"
         rounds = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.exists() else []
-        pat = re.compile(r"round (\d+)/\d+: trained locally \(([\d.]+) s")
         local: dict[str, dict[int, float]] = {}
         for d in SITES:
             for e in procs.events(f"site-{d}"):
@@ -325,7 +342,7 @@ def run_flower(cfg_dict: dict, datalists: dict[str, Path], folder: Path, *, time
                 if m:
                     local.setdefault(d, {})[int(m.group(1))] = float(m.group(2))
         result["local_train_seconds"] = local
-        result["rounds"] = [summarise_flower_round(e, local) for e in rounds]
+        result["rounds"] = [summarise_flower_round(e, local, stamps) for e in rounds]
         result["ok"] = code == 0 and len(rounds) == int(cfg["rounds"])
         if not result["ok"]:
             result["error"] = (f"fed serve exit {code}, {len(rounds)} of {cfg['rounds']} rounds: "
@@ -337,15 +354,29 @@ def run_flower(cfg_dict: dict, datalists: dict[str, Path], folder: Path, *, time
     return result
 
 
-def summarise_flower_round(e: dict, local: dict[str, dict[int, float]]) -> dict:
-    """One real round: phases, the slowest site's local training, overhead = the rest of the round."""
+def summarise_flower_round(e: dict, local: dict[str, dict[int, float]], stamps: dict | None = None) -> dict:
+    """One real round: phases, the slowest site's local training, overhead = the rest of the round.
+
+    With `stamps` (when each site's "trained locally" line appeared), the overhead is split, roughly
+    (+- 1 s), into the time until the last site finished training minus its training (message delivery,
+    task process, loading the site's data, building the model) and the time after it (reply, checks,
+    aggregation).
+    """
     r = e["round"]
     secs = e["seconds"]
     by_node = {p["site"]: p for p in e["participants"]}
     trained = [local[d][r] for d in local if r in local[d]]
     slowest = max(trained) if trained else None
     rnd = float(secs["round"]) - float(secs.get("evaluate_phase", 0.0))
-    return {"round": r, "round_seconds": rnd, "train_phase_seconds": float(secs["train_phase"]),
+    split = {}
+    done = {d: v[r] for d, v in (stamps or {}).items() if r in v}
+    if done and len(done) == len(trained):
+        start = float(e["time"]) - float(secs["round"])  # the round log's time is written at the round's end
+        last = max(done, key=done.get)
+        split = {"until_last_site_trained_seconds": round(done[last] - start, 2),
+                 "last_site_before_training_seconds": round(done[last] - start - local[last][r], 2),
+                 "after_last_site_trained_seconds": round(start + rnd - done[last], 2)}
+    return {"round": r, "round_seconds": rnd, "train_phase_seconds": float(secs["train_phase"]), **split,
             "local_train_seconds": {d: local[d].get(r) for d in local},
             "slowest_local_train_seconds": slowest,
             "overhead_seconds": None if slowest is None else round(rnd - slowest, 2),
@@ -405,7 +436,11 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
             got = [x["sha256"] for x in card["training"]["datalists"]]
             if got != want:
                 raise ValueError(f"{card_path}: trained on other datalists than {[str(datalists[d]) for d in SITES]}")
-            out.setdefault("centralized" + ("+GIN" if gin else ""), {})[seed] = runs.get(str(seed), runs.get(seed))
+            tag = "+GIN" if gin else ""
+            out.setdefault("centralized" + tag, {})[seed] = runs.get(str(seed), runs.get(seed))
+            oracle = r.get("runs", {}).get("oracle" + tag, {})  # the same model, routed by the true domain
+            if str(seed) in oracle or seed in oracle:
+                out.setdefault("centralized-oracle" + tag, {})[seed] = oracle.get(str(seed), oracle.get(seed))
     return out
 
 
@@ -495,6 +530,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
                           argv=["bench", "fed"])
                 model, _ = load_model(out)
                 record("centralized" + tag, seed, evaluator(model)(model, "auto", patch))
+                record("centralized-oracle" + tag, seed, evaluator(model)(model, "oracle", patch, only=SITES))
         extra["central_source"] = "trained here with the config of `uharmony bench generalize`"
     save(partial=True)
 
@@ -513,6 +549,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
                                                      "rejected": [x for e in run["rounds"] for x in e["rejected"]],
                                                      "round_seconds": [e["seconds"]["round"] for e in run["rounds"]]}
             record("federated" + tag, seed, evaluator(model)(model, "auto", patch))
+            # the same model routed by the true domain: separates the gate's routing from the segmentation
+            record("federated-oracle" + tag, seed, evaluator(model)(model, "oracle", patch, only=SITES))
             save(partial=True)
 
     # -- one short real Flower run: bytes and round overhead
@@ -531,10 +569,10 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
 
 
 def ratios(summary: dict) -> dict:
-    """fed/central ratio of the mean Dice over seeds, per domain and GIN setting (+ per-seed spread)."""
+    """fed/central ratio of the mean Dice over seeds, per domain and GIN setting; also with oracle routing."""
     out = {}
-    for tag in ("", "+GIN"):
-        c, f = summary.get("centralized" + tag), summary.get("federated" + tag)
+    for tag, oracle in (("", ""), ("+GIN", ""), ("", "-oracle"), ("+GIN", "-oracle")):
+        c, f = summary.get("centralized" + oracle + tag), summary.get("federated" + oracle + tag)
         if not c or not f:
             continue
         row = {d: f[d]["mean"] / c[d]["mean"] for d in (*SITES, UNSEEN) if d in c and d in f and c[d]["mean"]}
@@ -542,7 +580,7 @@ def ratios(summary: dict) -> dict:
         trained_f = [f[d]["mean"] for d in SITES if d in f]
         if len(trained_c) == len(SITES) and len(trained_f) == len(SITES):
             row["mean of trained"] = float(np.mean(trained_f) / np.mean(trained_c))
-        out["gin" if tag else "no-gin"] = row
+        out[oracle[1:] + "-" * bool(oracle) + ("gin" if tag else "no-gin")] = row
     return out
 
 
@@ -577,6 +615,11 @@ def check_targets(summary: dict) -> list[str]:
             verdict = ("PASS" if b > a else "FAIL") if target else "info:"
             lines.append(f"- {verdict} GIN ahead of no-GIN on the unseen {UNSEEN} ({arm}): "
                          f"{100 * a:.1f} -> {100 * b:.1f} ({100 * (b - a):+.1f})")
+    for tag, key in (("", "oracle-no-gin"), ("+GIN", "oracle-gin")):
+        if key in r:
+            lines.append(f"- info: routed by the true domain (oracle), federated{tag} / centralized{tag}: "
+                         + ", ".join(f"{d} {100 * r[key][d]:.0f} %" for d in SITES if d in r[key])
+                         + (f" (mean {100 * r[key]['mean of trained']:.0f} %)" if "mean of trained" in r[key] else ""))
     return lines
 
 
@@ -605,7 +648,23 @@ def format_report(doc: dict) -> str:
             cells = [f"{100 * r[key][d]:.0f} %" if d in r[key] else "n/a" for d in doms]
             cells.append(f"{100 * r[key]['mean of trained']:.0f} %" if "mean of trained" in r[key] else "n/a")
             lines.append(f"| **fed/central{tag}** | " + " | ".join(cells) + " |")
-    gates = {label: {d: row[d]["gate"] for d in SITES if d in row and "gate" in row[d]} for label, row in summary.items()}
+    if any(k.endswith(("oracle", "oracle+GIN")) for k in summary):
+        lines += ["", "the same models routed by the true domain (oracle; trained domains only):", "",
+                  "| arm | " + " | ".join(SITES) + " | mean of trained |", "|" + "---|" * (len(SITES) + 2)]
+        for tag, key in (("", "oracle-no-gin"), ("+GIN", "oracle-gin")):
+            for arm in ("centralized", "federated"):
+                row = summary.get(f"{arm}-oracle{tag}")
+                if row:
+                    cells = [f"{100 * row[d]['mean']:.1f} ± {100 * row[d]['sd']:.1f}" if d in row else "n/a"
+                             for d in SITES]
+                    cells.append(f"{100 * np.mean([row[d]['mean'] for d in SITES if d in row]):.1f}")
+                    lines.append(f"| {arm}-oracle{tag} | " + " | ".join(cells) + " |")
+            if key in r:
+                cells = [f"{100 * r[key][d]:.0f} %" if d in r[key] else "n/a" for d in SITES]
+                cells.append(f"{100 * r[key]['mean of trained']:.0f} %" if "mean of trained" in r[key] else "n/a")
+                lines.append(f"| **fed/central-oracle{tag}** | " + " | ".join(cells) + " |")
+    gates = {label: {d: row[d]["gate"] for d in SITES if d in row and "gate" in row[d]} for label, row in summary.items()
+             if "oracle" not in label}
     gates = {k: v for k, v in gates.items() if v}
     if gates:
         lines += ["", "gate accuracy on the trained domains: " + "; ".join(
@@ -621,13 +680,16 @@ def format_report(doc: dict) -> str:
     if fl:
         lines += ["", "real Flower run (SuperLink + 3 SuperNodes, TLS + keys, 127.0.0.1; sites evaluate nothing):"]
         if fl.get("rounds"):
-            lines += [("| round | round s (excl. evaluation) | train phase s | slowest local training s | overhead s "
-                      "| overhead / local training | bytes up per site |"), "|---|---|---|---|---|---|---|"]
+            lines += [("| round | round s (excl. evaluation) | slowest local training s | overhead s "
+                       "| overhead / local training | of it: before the last site trained s | after s "
+                       "| bytes up per site |"), "|---|---|---|---|---|---|---|---|"]
             for x in fl["rounds"]:
                 ratio = "n/a" if x["overhead_ratio"] is None else f"{100 * x['overhead_ratio']:.0f} %"
-                lines.append(f"| {x['round']} | {x['round_seconds']:.1f} | {x['train_phase_seconds']:.1f} | "
+                lines.append(f"| {x['round']} | {x['round_seconds']:.1f} | "
                              f"{x['slowest_local_train_seconds']} | {x['overhead_seconds']} | {ratio} | "
-                             + ", ".join(f"{d} {v:,}" for d, v in x["bytes_up"].items()) + " |")
+                             f"{x.get('last_site_before_training_seconds', 'n/a')} | "
+                             f"{x.get('after_last_site_trained_seconds', 'n/a')} | "
+                             + ", ".join(f"{d} {v:,}" for d, v in sorted(x["bytes_up"].items())) + " |")
         if not fl.get("ok"):
             lines.append(f"FAILED: {str(fl.get('error'))[:300]}")
     lines += ["", *doc["targets"]]
