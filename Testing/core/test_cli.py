@@ -249,3 +249,27 @@ def test_every_subcommand_has_help():
         assert p.returncode == 0 and "usage: uharmony" in p.stdout, args
     p = run("segment")
     assert p.returncode == ExitCode.USAGE
+
+
+def test_demo_segments_the_real_sample_with_the_default_model(tmp_path):
+    """`make demo`'s job: the ITK example's real T1 (fetched from Debian's index), the bundled brain model."""
+    from uharmony.bench.real import itk_reference
+
+    src, ref, mask = itk_reference()
+    out = tmp_path / "demo"
+    p = run("demo", "--out", str(out), timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    seg = nib.load(out / "sample_t1_seg.nii.gz")
+    image = nib.load(src)
+    assert seg.shape == image.shape and np.allclose(seg.affine, image.affine)  # the input's own grid
+    labels = np.asarray(seg.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3, 4}
+    report = json.loads((out / "sample_t1_report.json").read_text())
+    assert report["model"]["name"] == "brain" and report["domain"]["chosen"] in ("mri-t1", "mri-t2", "mri-flair", "ct")
+    assert (out / "sample_t1_preview.png").stat().st_size > 10_000
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("Agreement (Dice)"))
+    figures = [float(x.split()[-1]) for x in line.split(":", 1)[1].split(",")]
+    assert len(figures) == 3 and all(0.0 <= f <= 1.0 for f in figures)
+    # the brain is found inside the reference brain mask: white matter agrees well with k-means
+    assert figures[2] > 0.6
+    assert nib.load(src).get_fdata().sum() == image.get_fdata().sum()  # input untouched
