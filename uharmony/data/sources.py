@@ -105,7 +105,13 @@ def _download(src: Source, tmp: Path) -> Path:
         return tmp / "x"
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise SourceError(f"{src.name}: needs apt-get and dpkg-deb (Debian/Ubuntu) to fetch {src.package}")
-    _run(["apt-get", "download", "-q", src.package], src, cwd=tmp)
+    try:
+        _run(["apt-get", "download", "-q", src.package], src, cwd=tmp)
+    except SourceError:
+        if os.geteuid() != 0:
+            raise
+        _run(["apt-get", "update", "-q"], src)  # a fresh machine may have no package lists yet
+        _run(["apt-get", "download", "-q", src.package], src, cwd=tmp)
     debs = list(tmp.glob("*.deb"))
     if not debs:
         raise SourceError(f"{src.name}: apt-get downloaded no package {src.package}")
