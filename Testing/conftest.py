@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,23 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+_STARTUP_LC_CTYPE = locale.setlocale(locale.LC_CTYPE)
+
+
+@pytest.fixture(autouse=True)
+def keep_text_locale():
+    """Something in the session (an import of a Qt/VTK extension, at collection or in a test) switches
+    LC_CTYPE to "C", which makes every later `subprocess.run(text=True)` decode as ASCII: put back the
+    interpreter's start-up value before and after each test."""
+    def restore():
+        if locale.setlocale(locale.LC_CTYPE) != _STARTUP_LC_CTYPE:
+            locale.setlocale(locale.LC_CTYPE, _STARTUP_LC_CTYPE)
+
+    restore()
+    yield
+    restore()
 
 
 @pytest.fixture(autouse=True)

@@ -31,10 +31,10 @@ def bench(tmp_path_factory):
     env.pop("UHARMONY_FED_FAULT", None)
     done = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--quick", "--seeds", "0",
                            "--work", str(root / "work"), "--json", str(root / "r.json")],
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
+                          env=env, capture_output=True, text=True, encoding="utf-8", timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return {"root": root, "stdout": done.stdout, "stderr": done.stderr,
-            "json": json.loads((root / "r.json").read_text())}
+            "json": json.loads((root / "r.json").read_text(encoding="utf-8"))}
 
 
 def owned_bytes(package, domain: str) -> tuple[int, int]:
@@ -127,7 +127,8 @@ def test_real_flower_round_bytes_and_overhead(bench):
 
 def test_from_json_reprints_the_report(bench):
     done = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--from-json",
-                           str(bench["root"] / "r.json")], capture_output=True, text=True, timeout=120, check=False)
+                           str(bench["root"] / "r.json")], capture_output=True, text=True, encoding="utf-8", timeout=120,
+                          check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == bench["stdout"].strip()
 
