@@ -15,7 +15,7 @@ from pathlib import Path
 
 from uharmony.errors import ExitCode, UHarmonyError
 from uharmony.fed.aggregate import MODES
-from uharmony.train.config import GateConfig, ModelConfig, _fill
+from uharmony.train.config import GateConfig, ModelConfig, _fill, doc_rows
 
 DEFAULT_CLASSES = ("cerebrospinal fluid", "grey matter", "white matter", "lesion")
 
@@ -162,35 +162,10 @@ def load_fed_config(path: str | Path) -> FedConfig:
     return config
 
 
-def _doc_rows() -> list[tuple[str, str, str]]:
-    import inspect
-
-    rows = []
-
-    def walk(cls, prefix):
-        comments = {}
-        for line in inspect.getsource(cls).splitlines():
-            s = line.strip()
-            if ":" in s and "#" in s and not s.startswith("#"):
-                comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
-        obj = cls()
-        for f in dataclasses.fields(cls):
-            if f.name == "base":
-                continue
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(type(value), f"{prefix}{f.name}.")
-            else:
-                rows.append((prefix + f.name, json.dumps(value), comments.get(f.name, "")))
-
-    walk(FedConfig, "")
-    return rows
-
-
 def config_table_markdown() -> str:
     """The fed.toml key table of README/docs (a test keeps them equal)."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for key, default, meaning in _doc_rows():
+    for key, default, meaning in doc_rows(FedConfig, skip=("base",)):
         if key.startswith(("model.", "gate.")):
             meaning = meaning or "as in docs/training.md"
         lines.append(f"| `{key}` | `{default}` | {meaning} |")

@@ -244,35 +244,37 @@ def config_hash(config: TrainConfig, extra: dict | None = None) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def _doc_rows() -> list[tuple[str, str, str]]:
-    """(key, default, meaning) for every key, from the dataclasses and their source comments."""
+def doc_rows(config_cls, skip: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
+    """(key, default, meaning) for every key of a config dataclass (nested ones as `a.b`), from its
+    defaults and its source comments; the training and federation key tables both come from here."""
     import inspect
 
     rows = []
 
     def walk(cls, prefix):
-        src = inspect.getsource(cls).splitlines()
         comments = {}
-        for line in src:
+        for line in inspect.getsource(cls).splitlines():
             s = line.strip()
             if ":" in s and "#" in s and not s.startswith("#"):
                 comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
         obj = cls()
         for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
                 walk(type(value), f"{prefix}{f.name}.")
             else:
                 rows.append((prefix + f.name, json.dumps(value), comments.get(f.name, "")))
 
-    walk(TrainConfig, "")
+    walk(config_cls, "")
     return rows
 
 
 def config_table_markdown() -> str:
     """The key table of docs/training.md (a test keeps the two equal)."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for key, default, meaning in _doc_rows():
+    for key, default, meaning in doc_rows(TrainConfig):
         adapt = ADAPT_DEFAULTS.get(key)
         if adapt is not None:
             default += f" (adapt: {json.dumps(adapt)})"
