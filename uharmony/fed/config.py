@@ -9,13 +9,18 @@ the field comments below (`config_table_markdown`; a test keeps them equal).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from uharmony.errors import ExitCode, UHarmonyError
 from uharmony.fed.aggregate import MODES
-from uharmony.train.config import GateConfig, ModelConfig, _fill, doc_rows
+from uharmony.train.config import (
+    GateConfig,
+    ModelConfig,
+    _fill,
+    doc_rows,
+    read_config_values,
+)
 
 DEFAULT_CLASSES = ("cerebrospinal fluid", "grey matter", "white matter", "lesion")
 
@@ -137,23 +142,7 @@ def _validate(c: FedConfig, where) -> None:
 def load_fed_config(path: str | Path) -> FedConfig:
     where = str(path)
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        _fail("config file does not exist", where)
-    except OSError as e:
-        _fail(f"config file cannot be read ({e.strerror or e})", where)
-    try:
-        if p.suffix.lower() == ".json":
-            values = json.loads(raw.decode("utf-8"))
-        else:
-            import tomllib
-
-            values = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        _fail(f"is not valid {'JSON' if p.suffix.lower() == '.json' else 'TOML'} ({' '.join(str(e).split())})", where)
-    if not isinstance(values, dict):
-        _fail("a config must be a table/object of settings", where)
+    values = read_config_values(path)
     if "base" in values:
         _fail("unknown key 'base'", where)
     config = _fill(FedConfig, values, "", where, set())

@@ -185,6 +185,35 @@ def _validate(c: TrainConfig, where) -> None:
     need(c.gate.weight >= 0, "gate.weight", "must be >= 0")
 
 
+def read_config_values(path: str | Path) -> dict:
+    """The settings table of a .toml or .json config file; a one-line error (exit 2) when unreadable."""
+    where = str(path)
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        _fail("config file does not exist", where)
+    except OSError as e:
+        _fail(f"config file cannot be read ({e.strerror or e})", where)
+    if p.suffix.lower() == ".json":
+        try:
+            values = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            _fail(f"is not valid JSON ({' '.join(str(e).split())})", where)
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            _fail("TOML configs need Python >= 3.11; write the config as .json", where)
+        try:
+            values = tomllib.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            _fail(f"is not valid TOML ({' '.join(str(e).split())})", where)
+    if not isinstance(values, dict):
+        _fail("a config must be a table/object of settings", where)
+    return values
+
+
 def load_config(path: str | Path | None, *, kind: str = "train", overrides: dict | None = None
                 ) -> tuple[TrainConfig, set[str]]:
     """Read and check a config file (None: all defaults). Returns the config and the keys the file set.
@@ -195,29 +224,7 @@ def load_config(path: str | Path | None, *, kind: str = "train", overrides: dict
     where = None
     if path is not None:
         where = str(path)
-        p = Path(path)
-        try:
-            raw = p.read_bytes()
-        except FileNotFoundError:
-            _fail("config file does not exist", where)
-        except OSError as e:
-            _fail(f"config file cannot be read ({e.strerror or e})", where)
-        if p.suffix.lower() == ".json":
-            try:
-                values = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                _fail(f"is not valid JSON ({e})", where)
-        else:
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                _fail("TOML configs need Python >= 3.11; write the config as .json", where)
-            try:
-                values = tomllib.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-                _fail(f"is not valid TOML ({e})", where)
-        if not isinstance(values, dict):
-            _fail("a config must be a table/object of settings", where)
+        values = read_config_values(path)
     given: set[str] = set()
     config = _fill(TrainConfig, values, "", where, given)
     if kind == "adapt":
