@@ -86,6 +86,7 @@ def test_train_widget_adapts_scene_cases_and_saves_the_model(env):
         assert "issue 5" in ui.federatedNoticeLabel.text and "issue 5" in ui.joinButton.toolTip
     else:
         assert ui.joinButton.enabled == widget._availability.available, widget._availability.reason
+    pump(lambda: ui.modelFolderLabel.text != "looking...")  # its own library call: answered separately
     assert ui.modelFolderLabel.text == str(env["models"])
 
     ui.baseModelSelector.setCurrentIndex(ui.baseModelSelector.findData("tiny"))
