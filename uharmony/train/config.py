@@ -53,6 +53,8 @@ class GateConfig:
     input_size: list[int] = field(default_factory=lambda: [32, 32, 32])  # the gate's low-resolution view
     filters: list[int] = field(default_factory=lambda: [16, 32, 64])  # gate CNN channels
     weight: float = 0.5  # weight of the gate's cross-entropy in the total loss
+    batch_size: int = 8  # whole-image views per step for the gate (its own balanced draw; views are cheap)
+    augment: bool = True  # flip, rotate, scale, shift and lightly re-light the gate's views (never GIN)
 
 
 @dataclass
@@ -183,6 +185,7 @@ def _validate(c: TrainConfig, where) -> None:
     need(len(c.gate.filters) >= 2 and all(f >= 1 for f in c.gate.filters), "gate.filters",
          "must be >= 2 positive channel counts")
     need(c.gate.weight >= 0, "gate.weight", "must be >= 0")
+    need(c.gate.batch_size >= 1, "gate.batch_size", "must be >= 1")
 
 
 def read_config_values(path: str | Path) -> dict:

@@ -3,10 +3,11 @@
 Per step: a domain is drawn uniformly, then a case of it (balanced sampling), then a patch centred
 on foreground with probability ``fg_prob``; GIN (or IPA) changes the network's input only, on the
 training device; the loss is the marginal partial-label Dice+CE of each case's annotated classes
-(union label space), plus the gate's cross-entropy on the un-augmented whole low-resolution image,
-plus the polynomial penalty. Every step's randomness comes from ``numpy.random.default_rng([seed,
-step])`` (case, patch, and the seed of the ``torch.Generator`` GIN draws from), so a run resumed
-from a checkpoint is the same as an uninterrupted one (bit-identical on the CPU).
+(union label space), plus the gate's cross-entropy on whole low-resolution images (never GIN:
+its own larger batch of geometrically jittered views, `uharmony.train.gate`), plus the polynomial
+penalty. Every step's randomness comes from ``numpy.random.default_rng([seed, step])`` (case,
+patch, the seed of the ``torch.Generator`` GIN draws from, the gate's batch and jitter), so a run
+resumed from a checkpoint is the same as an uninterrupted one (bit-identical on the CPU).
 
 Methods (config ``method``): ``uharmony`` (U-Harmony layers, one head per domain, the gate routes
 at inference); ``oracle`` (trained identically; evaluated with the true domain, and the card says
@@ -41,6 +42,7 @@ from uharmony.progress import Reporter
 from uharmony.train.checkpoint import checkpoint_dir, load_checkpoint, read_checkpoint_state, save_checkpoint
 from uharmony.train.config import TrainConfig, config_hash, load_config
 from uharmony.train.data import BalancedSampler, Prepared, datalist_sha256, load_datasets, prepare_case, random_patch
+from uharmony.train.gate import gate_loss
 from uharmony.train.losses import MarginalDiceCELoss
 
 OVERLAP = 0.5  # sliding-window overlap for validation and in the card (what `uharmony segment` uses)
@@ -113,9 +115,9 @@ def train_step(state: LoopState, step: int, optimizer, scaler, loss_fn: Marginal
             seg = loss_fn(model(x, routing), y, annotated)
         total = seg
         if state.train_gate and len(model.domains) > 1 and cfg.gate.weight > 0:
-            small = torch.stack([state.items[i].small for i in chosen]).to(device)
-            g_logits, _ = model.gate(small)
-            gate = F.cross_entropy(g_logits.float(), target)
+            # its own batch, drawn last so the segmentation part of a step does not depend on it
+            gate = gate_loss(model, state.items, state.sampler, state.route, rng, batch_size=cfg.gate.batch_size,
+                             augment=cfg.gate.augment, device=device)
             total = total + cfg.gate.weight * gate
             out["gate"] = float(gate.detach())
         if cfg.poly_weight_decay > 0:

@@ -1,0 +1,46 @@
+"""Contrast-keeping augmentation of the domain gate's whole-image view.
+
+The gate must learn *contrast* (which tissue is bright), so it never sees GIN. Without any
+augmentation, though, it sees each training case's one fixed 32^3 view on every step and learns
+the cases by heart: it then routes a skull-stripped or differently framed scan by anatomy and
+framing instead of contrast. These MONAI transforms change what a gate should ignore (position,
+size, orientation, field of view, small intensity shifts, noise) and keep what it must use (the
+order and ratios of tissue intensities).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    RandAffine,
+    RandFlip,
+    RandGaussianNoise,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
+
+
+def view_jitter() -> Compose:
+    """One sample (C, D, H, W) -> a randomly moved, scaled and slightly re-lit copy of the same size."""
+    return Compose([
+        RandFlip(prob=0.5, spatial_axis=0),  # left-right
+        RandAffine(prob=0.9, rotate_range=(0.35, 0.35, 0.35), scale_range=(0.2, 0.2, 0.2),
+                   translate_range=(3, 3, 3), padding_mode="border", mode="bilinear"),
+        RandScaleIntensity(factors=0.1, prob=0.5),
+        RandShiftIntensity(offsets=0.1, prob=0.5),
+        RandGaussianNoise(prob=0.5, std=0.05),
+    ])
+
+
+def jitter_views(views: torch.Tensor, rng: np.random.Generator, jitter: Compose | None = None) -> torch.Tensor:
+    """(B, C, D, H, W) gate views -> augmented copies; all randomness from ``rng`` (resumable runs)."""
+    jitter = jitter or view_jitter()
+    jitter.set_random_state(seed=int(rng.integers(2**31)))
+    device = views.device
+    out = []
+    for v in views:
+        t = jitter(v.detach().cpu().float())
+        out.append((t.as_tensor() if hasattr(t, "as_tensor") else t).float())  # MetaTensor -> plain tensor
+    return torch.stack(out).to(device)

@@ -1,0 +1,161 @@
+"""The domain gate's training: its loss inside `uharmony train|adapt`, and `uharmony refit-gate`.
+
+The gate learns from whole images whose domain is known; it needs no labels. Each step it sees its
+own batch of ``gate.batch_size`` cases (domains balanced), larger than the segmentation batch since
+a 32^3 view costs little, each view jittered (`uharmony.augment.views`) unless ``gate.augment`` is
+off. The segmentation network is untouched by it: the gate is a separate small CNN.
+
+`uharmony refit-gate --model M --data a.json b.json ... --out OUT` retrains only the gate of a
+model (every other weight byte-identical) on datalists of the model's domains, labelled or not,
+then recalibrates the unfamiliar-input score and reports gate accuracy per domain before and after.
+Use it when the gate misroutes: unlabelled scans of each domain are enough.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from uharmony.errors import BadDatalistError, ExitCode, UHarmonyError
+from uharmony.progress import Reporter
+
+
+def gate_loss(model, items, sampler, route: dict[str, int], rng: np.random.Generator, *, batch_size: int,
+              augment: bool, device) -> torch.Tensor:
+    """Cross-entropy of the gate on a fresh balanced batch of whole-image views (drawn from ``rng``)."""
+    from uharmony.augment.views import jitter_views
+
+    ids = [sampler.draw(rng) for _ in range(batch_size)]
+    small = torch.stack([items[i].small for i in ids]).to(device)
+    if augment:
+        small = jitter_views(small, rng)
+    target = torch.tensor([route[items[i].domain] for i in ids], device=device)
+    logits, _ = model.gate(small)
+    return F.cross_entropy(logits.float(), target)
+
+
+@torch.no_grad()
+def gate_accuracy(model, items, route: dict[str, int], device) -> dict[str, float]:
+    """Per domain: the fraction of (un-augmented) views the gate sends to their own domain."""
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    for it in items:
+        logits, _ = model.gate(it.small[None].to(device))
+        hits.setdefault(it.domain, []).append(int(logits.argmax(1)) == route[it.domain])
+    return {d: round(float(np.mean(h)), 4) for d, h in hits.items()}
+
+
+def confusion(model, items, device) -> dict[str, dict[str, int]]:
+    """Per true domain: how many views the gate sent to each model domain."""
+    out: dict[str, dict[str, int]] = {}
+    with torch.no_grad():
+        for it in items:
+            chosen = model.domains[int(model.gate(it.small[None].to(device))[0].argmax(1))]
+            row = out.setdefault(it.domain, {d: 0 for d in model.domains})
+            row[chosen] += 1
+    return out
+
+
+def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: int = 1500, batch_size: int = 16,
+                   lr: float = 1e-3, augment: bool = True, seed: int = 0, overwrite: bool = False,
+                   device: str | None = None, reporter: Reporter | None = None, argv=None) -> tuple[Path, dict]:
+    """The whole of `uharmony refit-gate`; returns (package folder, card)."""
+    import copy
+
+    from uharmony.device import choose_device
+    from uharmony.model.package import load_model, save_package
+    from uharmony.model.registry import resolve_model
+    from uharmony.train.data import BalancedSampler, load_datasets, prepare_case
+    from uharmony.train.trainer import calibrate_gate, prepare_output
+
+    reporter = reporter or Reporter("none")
+    out_p = Path(out)
+    prepare_output(out_p, overwrite=overwrite, resume=False)
+    model_dir = resolve_model(model_ref)
+    model, card = load_model(model_dir, "cpu")  # bad model: exit 4
+    datasets = load_datasets(data, require_labels=False)
+    problems = [f"{ds.path}: domain {ds.domain!r} is not a domain of the model (it has: {', '.join(model.domains)}); "
+                f"add it with `uharmony adapt` first" for ds in datasets if ds.domain not in model.domains]
+    channels = [c["name"] for c in card["input"]["channels"]]
+    problems += [f"{ds.path}: channels {list(ds.channels)} do not match the model's {channels}"
+                 for ds in datasets if list(ds.channels) != channels]
+    if len(model.domains) < 2:
+        problems.append(f"{model_dir}: the model has one domain; its gate has nothing to choose")
+    if problems:
+        raise BadDatalistError("\n".join([f"{len(problems)} problem(s)", *problems]))
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise UHarmonyError("--steps and --batch-size must be >= 1 and --lr > 0", code=ExitCode.USAGE)
+
+    dev = choose_device(device or "auto")
+    spacing = card["input"]["spacing_mm"]
+    route = {d: model.domains.index(d) for d in model.domains}
+
+    def load(split: str):
+        cases = [(ds, c) for ds in datasets for c in (ds.training if split == "training" else ds.validation)]
+        items = []
+        for i, (ds, case) in enumerate(cases):
+            items.append(prepare_case(case, spacing, None, [], model.gate.downsample, card["input"]["normalization"]))
+            reporter.progress(f"load {split}", i + 1, len(cases))
+        return items
+
+    t0 = time.time()
+    with torch.no_grad():
+        train_items, held = load("training"), load("validation")
+    if not train_items:
+        raise BadDatalistError("no training cases in the datalists")
+    reporter.log(f"loaded {len(train_items)} training and {len(held)} validation views in {time.time() - t0:.0f} s")
+    judge = held or train_items
+    model = model.to(dev)
+    before = gate_accuracy(model, judge, route, dev)
+    frozen = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("gate.")}
+
+    groups = [{d: [i for i, it in enumerate(train_items) if it.domain == d] for d in model.domains}]
+    sampler = BalancedSampler([{d: ix for d, ix in g.items()} for g in groups])
+    optimizer = torch.optim.AdamW(model.gate.parameters(), lr=lr, weight_decay=1e-4)
+    model.eval()  # the segmentation network stays as it is (no norm statistics are updated)
+    model.gate.train()
+    losses: list[float] = []
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        rng = np.random.default_rng([seed, step])
+        for g in optimizer.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+        loss = gate_loss(model, train_items, sampler, route, rng, batch_size=batch_size, augment=augment, device=dev)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        reporter.progress("gate", step, steps)
+    seconds = time.time() - t0
+    after = gate_accuracy(model, judge, route, dev)
+    threshold, calibration = calibrate_gate(model, train_items, held or train_items, route, dev)
+    calibration["held_split"] = "validation" if held else "training (no validation split)"
+    for k, v in model.state_dict().items():
+        if not k.startswith("gate."):
+            assert torch.equal(v, frozen[k]), k  # only the gate may change
+
+    split = "validation" if held else "training"
+    reporter.metric(step=steps, loss=round(float(np.mean(losses[-50:])), 5), gate_accuracy=after, phase="after")
+    lines = [f"gate accuracy per domain ({split} split, {len(judge)} views): before -> after"]
+    lines += [f"  {d:<14} {before.get(d, float('nan')):6.0%} -> {after.get(d, float('nan')):6.0%}" for d in after]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+    card = copy.deepcopy(card)
+    card["gate"]["unfamiliar_threshold"] = round(threshold, 6)
+    card["gate"]["calibration"] = calibration
+    card["gate"]["refit"] = {
+        "command": "uharmony " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "datalists": [str(ds.path) for ds in datasets], "training_views": len(train_items), "split": split,
+        "steps": steps, "batch_size": batch_size, "lr": lr, "augment": augment, "seed": seed,
+        "seconds": round(seconds, 1), "accuracy_before": before, "accuracy_after": after,
+        "confusion_after": confusion(model, judge, dev)}
+    if isinstance(card.get("evaluation"), dict):
+        card["evaluation"].setdefault("notes", []).append(
+            "The gate was refit after this evaluation (gate.refit); its gate accuracies predate the refit.")
+    return out_p, save_package(model.cpu(), card, out_p, overwrite=overwrite)
