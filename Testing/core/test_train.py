@@ -356,3 +356,22 @@ def test_baselines_joint_with_ipa_oracle_and_separate(data, tmp_path, capsys, on
         model, card = load_model(tmp_path / "s" / name)
         assert model.domains == [domain] and card["architecture"]["harmony_levels"] == 0
         assert [c["name"] for c in card["classes"]] == ["background", *classes]
+
+
+def test_class_balanced_patches_centre_a_small_class_as_often_as_a_large_one():
+    from uharmony.train.data import Prepared, random_patch
+
+    labels = torch.zeros(1, 40, 40, 40, dtype=torch.uint8)
+    labels[0, 5:35, 5:35, 5:35] = 3  # a large class (27 000 voxels)
+    labels[0, 20:22, 20:22, 20:22] = 4  # a small one (8 voxels)
+    item = Prepared(image=torch.randn(1, 40, 40, 40), labels=labels, small=torch.zeros(1, 4, 4, 4), domain="d",
+                    dataset="x", annotated=[3, 4], source="none", fg=torch.nonzero(labels[0] > 0))
+
+    def small_class_share(balance: bool) -> float:
+        rng = np.random.default_rng(0)
+        hits = [int(random_patch(item, rng, (8, 8, 8), 1.0, balance)[1][0, 4, 4, 4]) == 4 for _ in range(400)]
+        return float(np.mean(hits))
+
+    assert small_class_share(False) < 0.02  # 8 of 27 008 foreground voxels
+    assert 0.4 < small_class_share(True) < 0.6  # one of the two classes present
+    assert len(item.fg_by_class) == 2 and sum(len(v) for v in item.fg_by_class) == len(item.fg)

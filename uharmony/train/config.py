@@ -65,6 +65,7 @@ class TrainConfig:
     patch_size: list[int] = field(default_factory=lambda: [64] * 3)  # training patch, voxels (= inference window)
     spacing_mm: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])  # model grid spacing
     fg_prob: float = 0.67  # probability that a patch is centred on a foreground voxel
+    class_balance: bool = False  # that voxel's class drawn uniformly among the case's classes (small ones too)
     lr: float = 3e-3  # peak learning rate (AdamW; linear warm-up over 5% of the steps, then poly decay 0.9)
     weight_decay: float = 1e-5  # AdamW weight decay on conv/linear weights (not on norms, U-Harmony or biases)
     poly_weight_decay: float = 1e-4  # weight of polynomial_penalty: sum of squares of every gamma_k, k >= 2

@@ -39,6 +39,7 @@ class Prepared:
     annotated: list[int]  # union values this case's dataset annotates (foreground)
     source: str  # the first image file, for messages
     fg: torch.Tensor | None = field(default=None, repr=False)  # (N, 3) foreground voxel indices
+    fg_by_class: list[torch.Tensor] | None = field(default=None, repr=False)  # the same, per class (lazily)
 
 
 def load_datasets(paths: list[str | os.PathLike], *, require_labels: bool = True) -> list[Dataset]:
@@ -114,9 +115,20 @@ def prepare_case(case: Case, spacing_mm, label_map: dict[int, int] | None, annot
                     annotated=list(annotated), source=str(case.image[0]), fg=fg)
 
 
-def random_patch(item: Prepared, rng: np.random.Generator, size, fg_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _class_voxels(item: Prepared) -> list[torch.Tensor]:
+    """The foreground voxel indices of each class present in the case (computed once, kept on the item)."""
+    if item.fg_by_class is None:
+        values = item.labels[0][tuple(item.fg.T)]
+        item.fg_by_class = [item.fg[values == v] for v in torch.unique(values)]
+    return item.fg_by_class
+
+
+def random_patch(item: Prepared, rng: np.random.Generator, size, fg_prob: float,
+                 class_balance: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A patch centred on a random foreground voxel (with probability fg_prob) or anywhere.
 
+    ``class_balance``: the foreground centre is a voxel of a class drawn uniformly among the classes
+    present in the case, so a small class (lesion) is centred as often as a large one (white matter).
     Out-of-volume parts are filled with the image's minimum and label 0 (as sliding-window
     inference pads). Always draws the same number of values from `rng`, whatever the case.
     """
@@ -125,8 +137,13 @@ def random_patch(item: Prepared, rng: np.random.Generator, size, fg_prob: float)
     size = np.array(size)
     u_fg, u_pick = rng.random(), rng.random()
     u_anywhere = rng.random(3)
+    u_class = rng.random() if class_balance else 0.0
     if u_fg < fg_prob and item.fg is not None and len(item.fg):
-        centre = item.fg[min(int(u_pick * len(item.fg)), len(item.fg) - 1)].numpy()
+        pool = item.fg
+        if class_balance:
+            by_class = _class_voxels(item)
+            pool = by_class[min(int(u_class * len(by_class)), len(by_class) - 1)]
+        centre = pool[min(int(u_pick * len(pool)), len(pool) - 1)].numpy()
     else:
         centre = np.minimum((u_anywhere * shape).astype(int), shape - 1)
     start = centre - size // 2

@@ -89,7 +89,7 @@ def train_step(state: LoopState, step: int, optimizer, scaler, loss_fn: Marginal
     cfg, model, device = state.config, state.model, state.device
     rng = np.random.default_rng([cfg.seed, step])
     chosen = [state.sampler.draw(rng) for _ in range(cfg.batch_size)]
-    patches = [random_patch(state.items[i], rng, state.patch, cfg.fg_prob) for i in chosen]
+    patches = [random_patch(state.items[i], rng, state.patch, cfg.fg_prob, cfg.class_balance) for i in chosen]
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     x = torch.stack([p[0] for p in patches]).to(device)
     y = torch.stack([p[1] for p in patches]).to(device).long()
