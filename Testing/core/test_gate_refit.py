@@ -35,11 +35,17 @@ def test_view_jitter_keeps_shape_and_intensity_order_and_is_reproducible():
     assert torch.equal(a, b)  # a function of the RNG: resumed runs repeat it
     assert not torch.equal(a, jitter_views(x, np.random.default_rng(8)))
     assert not torch.allclose(a, x)
-    # the same random draw on a darker and a brighter flat image: brighter stays brighter (never inverted,
-    # unlike GIN), for every sample of the batch
-    dark = jitter_views(torch.full((6, 1, 12, 12, 12), -1.0), np.random.default_rng(3))
-    bright = jitter_views(torch.full((6, 1, 12, 12, 12), 1.0), np.random.default_rng(3))
-    assert bool((bright.mean(dim=(1, 2, 3, 4)) > dark.mean(dim=(1, 2, 3, 4)) + 1.0).all())
+    # the intensity part is monotone: tissue order (what tells the domains apart) is never inverted,
+    # unlike GIN; checked on many draws of a random image
+    from uharmony.augment.views import intensity_jitter
+
+    jitter = intensity_jitter()
+    img = torch.randn(1, 10, 10, 10)
+    order = torch.argsort(img.flatten())
+    for seed in range(20):
+        jitter.set_random_state(seed=seed)
+        out = torch.as_tensor(jitter(img.clone())).flatten()[order]
+        assert bool((out[1:] - out[:-1] >= -1e-5).all()), seed
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ The gate must learn *contrast* (which tissue is bright), so it never sees GIN. W
 augmentation, though, it sees each training case's one fixed 32^3 view on every step and learns
 the cases by heart: it then routes a skull-stripped or differently framed scan by anatomy and
 framing instead of contrast. These MONAI transforms change what a gate should ignore (position,
-size, orientation, field of view, small intensity shifts, noise) and keep what it must use (the
-order and ratios of tissue intensities).
+size, orientation, field of view, small monotone intensity changes, noise) and keep what it must
+use (the order and rough ratios of tissue intensities).
 """
 
 from __future__ import annotations
@@ -22,16 +22,31 @@ from monai.transforms import (
 )
 
 
-def view_jitter() -> Compose:
-    """One sample (C, D, H, W) -> a randomly moved, scaled and slightly re-lit copy of the same size."""
+def geometry_jitter() -> Compose:
+    """Position, size, orientation and field of view."""
     return Compose([
         RandFlip(prob=0.5, spatial_axis=0),  # left-right
         RandAffine(prob=0.9, rotate_range=(0.35, 0.35, 0.35), scale_range=(0.2, 0.2, 0.2),
                    translate_range=(3, 3, 3), padding_mode="border", mode="bilinear"),
+    ])
+
+
+def intensity_jitter() -> Compose:
+    """Small monotone intensity changes: tissue order (what tells T1 from T2 from FLAIR) is kept.
+
+    Only a little: with strong monotone warps too (gamma 0.6-1.7 plus a random histogram shift) the
+    brain model's refit gate told T1 from FLAIR in 50 % of held-out heads instead of 88 %, since
+    both have dark CSF and differ only in which of grey and white matter is brighter.
+    """
+    return Compose([
         RandScaleIntensity(factors=0.1, prob=0.5),
         RandShiftIntensity(offsets=0.1, prob=0.5),
-        RandGaussianNoise(prob=0.5, std=0.05),
     ])
+
+
+def view_jitter() -> Compose:
+    """One sample (C, D, H, W) -> a randomly moved, scaled and re-lit copy of the same size."""
+    return Compose([geometry_jitter(), intensity_jitter(), RandGaussianNoise(prob=0.5, std=0.05)])
 
 
 def jitter_views(views: torch.Tensor, rng: np.random.Generator, jitter: Compose | None = None) -> torch.Tensor:

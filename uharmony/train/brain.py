@@ -1,15 +1,19 @@
 """The default brain model, reproducibly: data, training, real-image evaluation, card.
 
-    make brain-model          # = the three steps below (about 2 h on 2 CPU cores)
+    make brain-model          # = the three steps below (about 2.5 h on 2 CPU cores)
     python -m uharmony.train.brain data --out work/heads
     python -m uharmony.train.brain train --data work/heads --out work/brain
     python -m uharmony.train.brain finish --model work/brain [--install]
 
-`data` renders 36 training + 4 validation heads per domain (uharmony.data.heads, base seed 0);
-`train` is `uharmony train` on the four datalists with `configs/brain.toml`; `finish` runs
-`uharmony bench real` (held-out MNI152 2009a and ITK KmeansTest), writes the pictures to docs/images,
-and completes the card: sources and licences, intended use, limits, what had no real evaluation.
-`--install` copies the package into uharmony/models/brain (the bundled default).
+`data` renders 36 training + 4 validation heads per domain (uharmony.data.heads, base seed 0), and
+80 + 20 more per domain for the gate only (base seed 50000, in `gate/`). `train` runs three stages:
+1. `uharmony train` on the four datalists with `configs/brain.toml` (-> OUT.stage1);
+2. `uharmony adapt` of stage 1 on the same datalists with `configs/brain-continue.toml`
+   (class-balanced patch centres, so the lesion class is learnt; -> OUT.stage2);
+3. `uharmony refit-gate` of stage 2 on all the heads (-> OUT): the gate alone, on 4x more views.
+`finish` runs `uharmony bench real` (held-out MNI152 2009a and ITK KmeansTest), writes the pictures
+to docs/images, and completes the card: sources and licences, intended use, limits, what had no
+real evaluation. `--install` copies the package into uharmony/models/brain (the bundled default).
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ from uharmony.data import heads, sources
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "brain.toml"
+CONTINUE_CONFIG = REPO / "configs" / "brain-continue.toml"
 DOMAINS = ("mri-t1", "mri-t2", "mri-flair", "ct")
 TRAIN_CASES, VAL_CASES, BASE_SEED = 36, 4, 0
+GATE_TRAIN_CASES, GATE_VAL_CASES, GATE_SEED = 80, 20, 50000  # views for the gate refit only
+GATE_STEPS, GATE_BATCH = 1500, 16
 
 INTENDED_USE = ("Research use only; not validated on patients and not a medical device. Whole-head brain scans "
                 "(MRI T1, T1 with contrast, T2, PD, FLAIR, or non-contrast CT) segmented into cerebrospinal fluid, "
@@ -46,16 +53,35 @@ LIMITATIONS = [
 def cmd_data(out: str) -> int:
     from uharmony.data.heads import main as heads_main
 
-    return heads_main(["--out", out, "--domains", *DOMAINS, "--train", str(TRAIN_CASES), "--val", str(VAL_CASES),
+    code = heads_main(["--out", out, "--domains", *DOMAINS, "--train", str(TRAIN_CASES), "--val", str(VAL_CASES),
                        "--seed", str(BASE_SEED)])
+    return code or heads_main(["--out", str(Path(out) / "gate"), "--domains", *DOMAINS, "--train",
+                               str(GATE_TRAIN_CASES), "--val", str(GATE_VAL_CASES), "--seed", str(GATE_SEED)])
 
 
 def cmd_train(data: str, out: str, resume: bool) -> int:
+    """Stages 1-3 (see the module docstring); a finished stage's package is kept and not redone."""
     from uharmony.cli import main as cli_main
 
     lists = [str(Path(data) / d / "dataset.json") for d in DOMAINS]
-    return cli_main(["train", "--data", *lists, "--config", str(CONFIG), "--out", out, "--device", "auto",
-                     *(["--resume"] if resume else [])])
+    gate_lists = lists + [str(Path(data) / "gate" / d / "dataset.json") for d in DOMAINS]
+    stage1, stage2 = f"{out}.stage1", f"{out}.stage2"
+    again = ["--resume"] if resume else []
+    steps = [
+        (stage1, ["train", "--data", *lists, "--config", str(CONFIG), "--out", stage1, "--device", "auto", *again]),
+        (stage2, ["adapt", "--model", stage1, "--data", *lists, "--config", str(CONTINUE_CONFIG), "--out", stage2,
+                  "--device", "auto", *again]),
+        (out, ["refit-gate", "--model", stage2, "--data", *gate_lists, "--out", out, "--steps", str(GATE_STEPS),
+               "--batch-size", str(GATE_BATCH), "--device", "auto"]),
+    ]
+    for folder, argv in steps:
+        if (Path(folder) / "card.json").is_file():
+            print(f"{folder} is done already; kept", file=sys.stderr)
+            continue
+        code = cli_main(argv)
+        if code:
+            return code
+    return 0
 
 
 def finish_card(card: dict, real: dict) -> dict:
@@ -70,6 +96,14 @@ def finish_card(card: dict, real: dict) -> dict:
     card["input"]["overlap"] = 0.25
     training = dict(card["training"])
     training["command"] = "make brain-model (python -m uharmony.train.brain data/train/finish)"
+    training["stages"] = [
+        {"stage": 1, "what": "uharmony train", "config": "configs/brain.toml"},
+        {"stage": 2, "what": "uharmony adapt on the same datalists (lesion-balanced continuation)",
+         "config": "configs/brain-continue.toml"},
+        {"stage": 3, "what": "uharmony refit-gate", "steps": GATE_STEPS, "batch_size": GATE_BATCH,
+         "gate_cases_per_domain": {"training": GATE_TRAIN_CASES, "validation": GATE_VAL_CASES},
+         "gate_base_seed": GATE_SEED},
+    ]
     training["generator"] = {"module": "uharmony.data.heads", "atlas_version": heads.ATLAS_VERSION,
                              "cases_per_domain": {"training": TRAIN_CASES, "validation": VAL_CASES},
                              "base_seed": BASE_SEED}
