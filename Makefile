@@ -29,11 +29,11 @@ demo: $(VENV)/.base
 	$(PY) -m uharmony.data.sources itk-examples
 	$(VENV)/bin/uharmony demo --out demo_out
 
-# Rebuild the default brain model (about 2 h on 2 CPU cores; never in CI). See docs/model.md.
+# Rebuild the default brain model (about 2.5 h on 2 CPU cores; never in CI). See docs/model.md.
 brain-model: $(VENV)/.base
 	$(PY) -m uharmony.train.brain data --out work/heads
 	$(PY) -m uharmony.train.brain train --data work/heads --out work/brain
-	$(PY) -m uharmony.train.brain finish --model work/brain --install
+	$(PY) -m uharmony.train.brain finish --model work/brain --data work/heads --install
 
 test: $(VENV)/.test
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q Testing
