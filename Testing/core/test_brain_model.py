@@ -1,0 +1,47 @@
+"""The bundled default brain model matches the recipe in the repository (`make brain-model`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from uharmony.model.card import load_card
+from uharmony.model.registry import bundled_model_dir
+from uharmony.train import brain
+from uharmony.train.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_bundled_card_records_the_three_stages_of_the_repository_recipe():
+    card = load_card(bundled_model_dir("brain"))  # schema-validated
+    stages = card["training"]["stages"]
+    assert [s["stage"] for s in stages] == [1, 2, 3]
+    for stage in stages[:2]:
+        assert (REPO / stage["config"]).is_file(), stage
+    # stage 2 was trained with what configs/brain-continue.toml says today
+    cont, _ = load_config(REPO / stages[1]["config"], kind="adapt")
+    used = card["training"]["config"]
+    assert used["steps"] == cont.steps and used["class_balance"] is cont.class_balance is True
+    assert used["lr"] == cont.lr and used["fg_prob"] == cont.fg_prob
+    # stage 3: the gate refit, on the gate heads of `brain.py data`
+    refit = card["gate"]["refit"]
+    assert refit["steps"] == brain.GATE_STEPS and refit["batch_size"] == brain.GATE_BATCH
+    per_domain = brain.GATE_VAL_CASES + brain.VAL_CASES
+    for domain in brain.DOMAINS:
+        assert sum(refit["confusion_after"][domain].values()) == per_domain
+        right = refit["confusion_after"][domain][domain] / per_domain
+        assert abs(right - refit["accuracy_after"][domain]) < 1e-3
+    assert [d["name"] for d in card["domains"]] == list(brain.DOMAINS)
+
+
+def test_finish_card_keeps_the_evaluation_honest():
+    card = json.loads((bundled_model_dir("brain") / "card.json").read_text())
+    real = {"images": {"x": {"dice": {"grey matter": 0.5}}}}
+    synthetic = {"routing": "auto", "dice": {"ct": {"grey matter": 0.4}}, "gate_accuracy": {"ct": 1.0}}
+    out = brain.finish_card(dict(card, evaluation={"before": {"a": 1}, "after": {"b": 2}}), real, synthetic)
+    ev = out["evaluation"]
+    assert ev["dice"] == synthetic["dice"] and ev["real_images"] == real["images"]
+    assert ev["stage2_adaptation"] == {"before": {"a": 1}, "after": {"b": 2}}  # kept, not presented as final
+    assert "ct" in ev["not_evaluated_on_real_images"] and "lesion (every modality)" in ev["not_evaluated_on_real_images"]
+    assert out["input"]["overlap"] == 0.25 and "not validated on patients" in out["intended_use"]
