@@ -41,25 +41,19 @@ def gate_loss(model, items, sampler, route: dict[str, int], rng: np.random.Gener
 
 
 @torch.no_grad()
-def gate_accuracy(model, items, route: dict[str, int], device) -> dict[str, float]:
-    """Per domain: the fraction of (un-augmented) views the gate sends to their own domain."""
-    model.eval()
-    hits: dict[str, list[bool]] = {}
-    for it in items:
-        logits, _ = model.gate(it.small[None].to(device))
-        hits.setdefault(it.domain, []).append(int(logits.argmax(1)) == route[it.domain])
-    return {d: round(float(np.mean(h)), 4) for d, h in hits.items()}
-
-
 def confusion(model, items, device) -> dict[str, dict[str, int]]:
-    """Per true domain: how many views the gate sent to each model domain."""
+    """Per true domain: how many (un-augmented) views the gate sent to each model domain."""
+    model.eval()
     out: dict[str, dict[str, int]] = {}
-    with torch.no_grad():
-        for it in items:
-            chosen = model.domains[int(model.gate(it.small[None].to(device))[0].argmax(1))]
-            row = out.setdefault(it.domain, {d: 0 for d in model.domains})
-            row[chosen] += 1
+    for it in items:
+        chosen = model.domains[int(model.gate(it.small[None].to(device))[0].argmax(1))]
+        out.setdefault(it.domain, dict.fromkeys(model.domains, 0))[chosen] += 1
     return out
+
+
+def accuracy(counts: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Per domain: the fraction of its views sent to itself (the confusion matrix's diagonal)."""
+    return {d: round(row[d] / sum(row.values()), 4) for d, row in counts.items()}
 
 
 def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: int = 1500, batch_size: int = 16,
@@ -68,6 +62,7 @@ def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: i
     """The whole of `uharmony refit-gate`; returns (package folder, card)."""
     import copy
 
+    from uharmony.data.datalist import check_against_model
     from uharmony.device import choose_device
     from uharmony.model.package import load_model, save_package
     from uharmony.model.registry import resolve_model
@@ -82,13 +77,11 @@ def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: i
     datasets = load_datasets(data, require_labels=False)
     problems = [f"{ds.path}: domain {ds.domain!r} is not a domain of the model (it has: {', '.join(model.domains)}); "
                 f"add it with `uharmony adapt` first" for ds in datasets if ds.domain not in model.domains]
-    channels = [c["name"] for c in card["input"]["channels"]]
-    problems += [f"{ds.path}: channels {list(ds.channels)} do not match the model's {channels}"
-                 for ds in datasets if list(ds.channels) != channels]
     if len(model.domains) < 2:
         problems.append(f"{model_dir}: the model has one domain; its gate has nothing to choose")
     if problems:
         raise BadDatalistError("\n".join([f"{len(problems)} problem(s)", *problems]))
+    check_against_model(datasets, card)  # channels, as `uharmony adapt` checks them (exit 5)
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise UHarmonyError("--steps and --batch-size must be >= 1 and --lr > 0", code=ExitCode.USAGE)
 
@@ -112,11 +105,10 @@ def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: i
     reporter.log(f"loaded {len(train_items)} training and {len(held)} validation views in {time.time() - t0:.0f} s")
     judge = held or train_items
     model = model.to(dev)
-    before = gate_accuracy(model, judge, route, dev)
+    before = confusion(model, judge, dev)
     frozen = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("gate.")}
 
-    groups = [{d: [i for i, it in enumerate(train_items) if it.domain == d] for d in model.domains}]
-    sampler = BalancedSampler([{d: ix for d, ix in g.items()} for g in groups])
+    sampler = BalancedSampler([{d: [i for i, it in enumerate(train_items) if it.domain == d] for d in model.domains}])
     optimizer = torch.optim.AdamW(model.gate.parameters(), lr=lr, weight_decay=1e-4)
     model.eval()  # the segmentation network stays as it is (no norm statistics are updated)
     model.gate.train()
@@ -133,17 +125,19 @@ def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: i
         losses.append(float(loss.detach()))
         reporter.progress("gate", step, steps)
     seconds = time.time() - t0
-    after = gate_accuracy(model, judge, route, dev)
+    after = confusion(model, judge, dev)
     threshold, calibration = calibrate_gate(model, train_items, held or train_items, route, dev)
     calibration["held_split"] = "validation" if held else "training (no validation split)"
-    for k, v in model.state_dict().items():
-        if not k.startswith("gate."):
-            assert torch.equal(v, frozen[k]), k  # only the gate may change
+    moved = [k for k, v in model.state_dict().items() if not k.startswith("gate.") and not torch.equal(v, frozen[k])]
+    if moved:  # only the gate may change; a bug if anything else did
+        raise UHarmonyError(f"refit-gate changed non-gate weights ({', '.join(moved[:3])}); nothing was written",
+                            code=ExitCode.INTERNAL)
 
     split = "validation" if held else "training"
-    reporter.metric(step=steps, loss=round(float(np.mean(losses[-50:])), 5), gate_accuracy=after, phase="after")
+    acc_before, acc_after = accuracy(before), accuracy(after)
+    reporter.metric(step=steps, loss=round(float(np.mean(losses[-50:])), 5), gate_accuracy=acc_after, phase="after")
     lines = [f"gate accuracy per domain ({split} split, {len(judge)} views): before -> after"]
-    lines += [f"  {d:<14} {before.get(d, float('nan')):6.0%} -> {after.get(d, float('nan')):6.0%}" for d in after]
+    lines += [f"  {d:<14} {acc_before[d]:6.0%} -> {acc_after[d]:6.0%}" for d in acc_after]
     print("\n".join(lines), file=sys.stderr, flush=True)
 
     card = copy.deepcopy(card)
@@ -153,8 +147,8 @@ def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: i
         "command": "uharmony " + " ".join(argv if argv is not None else sys.argv[1:]),
         "datalists": [str(ds.path) for ds in datasets], "training_views": len(train_items), "split": split,
         "steps": steps, "batch_size": batch_size, "lr": lr, "augment": augment, "seed": seed,
-        "seconds": round(seconds, 1), "accuracy_before": before, "accuracy_after": after,
-        "confusion_after": confusion(model, judge, dev)}
+        "seconds": round(seconds, 1), "accuracy_before": acc_before, "accuracy_after": acc_after,
+        "confusion_after": after}
     if isinstance(card.get("evaluation"), dict):
         card["evaluation"].setdefault("notes", []).append(
             "The gate was refit after this evaluation (gate.refit); its gate accuracies predate the refit.")
