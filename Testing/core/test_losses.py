@@ -49,6 +49,36 @@ def test_fully_annotated_equals_monai_dice_ce(target_shape):
     torch.testing.assert_close(per_sample, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_absent_class_leaves_dice_to_ce():
+    """A class missing from a sample's target is judged by CE alone (absent_dice=False, the default).
+
+    With MONAI's rule (absent_dice=True) its Dice is ~1 until its summed probability falls below the
+    1e-5 smoothing, so driving it far down everywhere pays 1/C of the Dice: the reward that kept the
+    brain model from ever predicting lesion.
+    """
+    target = _target(values=(0, 1, 2))  # class 3 absent from both samples
+    base = _logits()
+    low, very_low = base.clone(), base.clone()
+    low[:, 3], very_low[:, 3] = -8.0, -40.0  # probability of class 3 ~1e-4 per voxel, then ~0
+
+    def dice(absent_dice, logits):
+        return MarginalDiceCELoss(C, ce_weight=0.0, absent_dice=absent_dice)(logits, target, [1, 2, 3])
+
+    reward = dice(True, low) - dice(True, very_low)
+    assert reward > 0.2  # ~1/C: the pathology
+    assert abs(float(dice(False, low) - dice(False, very_low))) < 1e-3
+    # the default is MONAI's Dice over the present channels only
+    from monai.losses import DiceLoss
+    probs = torch.softmax(base, 1)
+    onehot = torch.nn.functional.one_hot(target[:, 0], C).permute(0, 4, 1, 2, 3).float()
+    per = DiceLoss(reduction="none")(probs, onehot).reshape(2, C)
+    torch.testing.assert_close(dice(False, base), per[:, :3].mean(), rtol=1e-5, atol=1e-6)
+    # with every class present, both rules agree
+    full = _target()
+    torch.testing.assert_close(MarginalDiceCELoss(C)(base, full, [1, 2, 3]),
+                               MarginalDiceCELoss(C, absent_dice=True)(base, full, [1, 2, 3]))
+
+
 def test_weights():
     logits, target = _logits(), _target()
     dice = MarginalDiceCELoss(C, dice_weight=1.0, ce_weight=0.0)(logits, target, [1, 2, 3])

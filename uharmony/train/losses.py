@@ -64,19 +64,27 @@ class MarginalDiceCELoss(nn.Module):
     sample's dataset annotates (one list for the batch, or one per sample). A target value that the
     sample does not annotate is a bug upstream (the datalist maps local to union values) and raises.
 
-    With every class annotated it equals MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True)`` with
-    the same smoothing: CE averaged over voxels, Dice over (sample, channel) pairs. In a mixed batch
-    each sample's Dice is averaged over its own channels first, then over samples, so a sample with
-    few annotated classes weighs as much as one with many. Computed in fp32 (AMP-safe).
+    ``absent_dice=False`` (the default) leaves out of a sample's Dice every class absent from its
+    target: CE alone judges those. With a tiny smoothing term, the Dice of an absent class is ~1 for
+    any non-negligible probability and drops to 0 only when the class's summed probability over the
+    patch falls below the smoothing, so patches without a small class (lesion) reward driving its
+    logits far down everywhere, and the class is never learned. ``absent_dice=True`` keeps them (then,
+    with every class annotated, the loss equals MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True)``).
+
+    CE is averaged over voxels, Dice over (sample, channel) pairs. In a mixed batch each sample's Dice
+    is averaged over its own channels first, then over samples, so a sample with few annotated
+    classes weighs as much as one with many. Computed in fp32 (AMP-safe).
     """
 
-    def __init__(self, num_classes: int, dice_weight: float = 1.0, ce_weight: float = 1.0, smooth: float = 1e-5):
+    def __init__(self, num_classes: int, dice_weight: float = 1.0, ce_weight: float = 1.0, smooth: float = 1e-5,
+                 absent_dice: bool = False):
         super().__init__()
         if num_classes < 2:
             raise ValueError("num_classes must be >= 2 (background and at least one class)")
         self.num_classes = int(num_classes)
         self.dice_weight = float(dice_weight)
         self.ce_weight = float(ce_weight)
+        self.absent_dice = bool(absent_dice)
         # MONAI's DiceLoss on the merged probabilities, unreduced so that channels a sample does not
         # annotate (kept at zero in the union layout) can be left out of its mean.
         self.dice = DiceLoss(include_background=True, softmax=False, to_onehot_y=False, reduction="none",
@@ -123,7 +131,8 @@ class MarginalDiceCELoss(nn.Module):
             probs = log_merged.exp() * kept.view(view)  # unannotated channels -> 0 (they are in background)
             onehot = torch.zeros_like(probs).scatter_(1, target, 1.0)  # no int64 (B, ..., C) temporary
             dice = self.dice(probs, onehot).reshape(b, c)
-            dice = ((dice * kept).sum(1) / kept.sum(1)).mean()
+            judged = kept if self.absent_dice else kept & (onehot.flatten(2).amax(2) > 0)
+            dice = ((dice * judged).sum(1) / judged.sum(1).clamp_min(1)).mean()
         return self.dice_weight * dice + self.ce_weight * ce
 
 
