@@ -210,3 +210,28 @@ def test_adapt_refuses_a_missing_model_and_an_architecture_key(tiny_model, adapt
                  "--config", str(bad)]) == ExitCode.USAGE
     err = capsys.readouterr().err
     assert "'model.filters' is fixed by the base model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_adapt_gate_batches_draw_every_domain_equally_often():
+    """The gate's batches in `uharmony adapt` are balanced over domains, not over new vs replayed data.
+
+    Through the new/replayed groups, 3 new cases would fill half of every gate batch and each of two old
+    domains a quarter: a prior that drifted old cases onto the new domain after adaptation.
+    """
+    import numpy as np
+
+    from uharmony.train.data import BalancedSampler, domain_sampler
+
+    def item(domain):
+        return Prepared(image=torch.zeros(1, 2, 2, 2), labels=None, small=torch.zeros(1, 2, 2, 2), domain=domain,
+                        dataset=domain, annotated=[1], source=f"{domain}.nii.gz")
+
+    items = [item("flair")] * 3 + [item("dom-a")] * 4 + [item("dom-b")] * 2
+    groups = BalancedSampler([{"flair": [0, 1, 2]}, {"dom-a": [3, 4, 5, 6], "dom-b": [7, 8]}])
+    rng = np.random.default_rng(0)
+    seg_share = np.mean([items[groups.draw(rng)].domain == "flair" for _ in range(3000)])
+    gate = domain_sampler(items)
+    drawn = [items[gate.draw(rng)].domain for _ in range(3000)]
+    shares = {d: drawn.count(d) / len(drawn) for d in ("flair", "dom-a", "dom-b")}
+    assert abs(seg_share - 0.5) < 0.03  # the segmentation batches: half new data (replay as designed)
+    assert all(abs(s - 1 / 3) < 0.03 for s in shares.values()), shares

@@ -37,7 +37,7 @@ from uharmony.model.registry import resolve_model
 from uharmony.progress import Reporter
 from uharmony.train.checkpoint import load_checkpoint
 from uharmony.train.config import config_hash, load_config
-from uharmony.train.data import BalancedSampler, Prepared, load_datasets
+from uharmony.train.data import BalancedSampler, Prepared, domain_sampler, load_datasets
 from uharmony.train.trainer import (
     LoopState,
     calibrate_gate,
@@ -165,8 +165,10 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
     n_new = len(new_items)
     groups = [{d: [i for i in range(n_new) if items[i].domain == d] for d in data_domains},
               {d: [i for i in range(n_new, len(items)) if items[i].domain == d] for d in data_domains}]
+    # The gate sees every domain equally often. Through the new/replayed groups it would see the new
+    # domain as often as all old ones together, a prior that drifted old cases onto the new domain.
     state = LoopState(model=model, config=cfg, items=items, sampler=BalancedSampler(groups), route=route, device=dev,
-                      patch=patch, train_gate=True)
+                      patch=patch, train_gate=True, gate_sampler=domain_sampler(items))
 
     def validate(step: int, loss: float) -> None:
         result = evaluate(model, eval_items, union, mode="auto", patch=patch, device=dev, reporter=reporter)

@@ -182,6 +182,12 @@ class BalancedSampler:
         return cases[min(int(u[2] * len(cases)), len(cases) - 1)]
 
 
+def domain_sampler(items: list[Prepared]) -> BalancedSampler:
+    """A sampler that draws every domain of `items` equally often (one group per domain)."""
+    domains = sorted({it.domain for it in items})
+    return BalancedSampler([{d: [i for i, it in enumerate(items) if it.domain == d]} for d in domains])
+
+
 def write_synth_datalist(root: str | os.PathLike, style: str, *, domain: str | None = None, name: str | None = None,
                          training_seeds=(0, 1, 2), validation_seeds=(), classes=None, spacing_mm: float = 4.0
                          ) -> Path:

@@ -66,6 +66,11 @@ class LoopState:
     patch: tuple[int, int, int]
     train_gate: bool = True
     history: list[dict] = field(default_factory=list)
+    gate_sampler: BalancedSampler | None = None  # the gate's batches; None: `sampler`
+
+    def __post_init__(self):
+        if self.gate_sampler is None:
+            self.gate_sampler = self.sampler
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
@@ -116,7 +121,7 @@ def train_step(state: LoopState, step: int, optimizer, scaler, loss_fn: Marginal
         total = seg
         if state.train_gate and len(model.domains) > 1 and cfg.gate.weight > 0:
             # its own batch, drawn last so the segmentation part of a step does not depend on it
-            gate = gate_loss(model, state.items, state.sampler, state.route, rng, batch_size=cfg.gate.batch_size,
+            gate = gate_loss(model, state.items, state.gate_sampler, state.route, rng, batch_size=cfg.gate.batch_size,
                              augment=cfg.gate.augment, device=device)
             total = total + cfg.gate.weight * gate
             out["gate"] = float(gate.detach())
