@@ -23,7 +23,8 @@ EPILOG = "exit codes: " + ", ".join(f"{int(c)} {h}" for c, h in EXIT_CODE_HELP.i
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=MODES, default="auto",
-                   help="auto: a bar on a terminal; jsonl: JSON lines on stdout (protocol v1) for programs")
+                   help="auto: a bar on a terminal, else log: a line per long stage every minute; "
+                        "jsonl: JSON lines on stdout (protocol v1) for programs")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,9 @@
-"""Progress reporting: a tqdm bar for people, JSON lines (protocol v1) for the Slicer modules.
+"""Progress reporting: a tqdm bar for people, plain lines for log files, JSON lines (protocol v1) for
+the Slicer modules.
+
+``auto`` is a bar on a terminal and ``log`` otherwise: a run under nohup or a scheduler writes one line
+per stage at most every LOG_EVERY_S seconds (done/total, elapsed, time left), and nothing for stages
+that end sooner, so quick commands stay quiet.
 
 Protocol (DESIGN.md): with ``--progress jsonl`` stdout carries only JSON objects, one per line,
 each with ``"v": 1`` and an ``"event"``: ``progress`` (stage, done, total), ``metric``, ``round``,
@@ -12,23 +17,28 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import IO, Any
+import time
+from typing import IO, Any, Callable
 
 PROTOCOL_VERSION = 1
-MODES = ("auto", "bar", "jsonl", "none")
+MODES = ("auto", "bar", "log", "jsonl", "none")
+LOG_EVERY_S = 60.0
 
 
 class Reporter:
     """Sends progress, metrics and results either as a terminal bar or as JSON lines."""
 
-    def __init__(self, mode: str = "auto", stream: IO[str] | None = None):
+    def __init__(self, mode: str = "auto", stream: IO[str] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         if mode not in MODES:
             raise ValueError(f"progress mode must be one of {MODES}, not {mode!r}")
         if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "none"
+            mode = "bar" if sys.stderr.isatty() else "log"
         self.mode = mode
         self._stream = stream
         self._bars: dict[str, Any] = {}
+        self._clock = clock
+        self._logged: dict[str, list[float]] = {}  # stage -> [start time, first done, last line's time]
 
     # -- stream ownership -------------------------------------------------------------------
     def claim_stdout(self) -> None:
@@ -63,6 +73,22 @@ class Reporter:
             if done >= total:
                 bar.close()
                 del self._bars[stage]
+        elif self.mode == "log":
+            self._log_progress(stage, int(done), int(total))
+
+    def _log_progress(self, stage: str, done: int, total: int) -> None:
+        now = self._clock()
+        start, first, last = self._logged.setdefault(stage, [now, done, now])
+        finished = done >= total
+        if now - last >= LOG_EVERY_S or (finished and now - start >= LOG_EVERY_S):
+            elapsed = now - start
+            line = f"{stage}: {done}/{total} ({100 * done // max(total, 1)} %), {_clock_text(elapsed)} elapsed"
+            if not finished and done > first:
+                line += f", ~{_clock_text(elapsed / (done - first) * (total - done))} left"
+            print(line, file=sys.stderr, flush=True)
+            self._logged[stage][2] = now
+        if finished:
+            del self._logged[stage]
 
     def metric(self, **fields: Any) -> None:
         self._emit("metric", **fields)
@@ -87,6 +113,12 @@ class Reporter:
         for bar in self._bars.values():
             bar.close()
         self._bars.clear()
+        self._logged.clear()
+
+
+def _clock_text(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def _jsonable(obj: Any) -> Any:
