@@ -45,3 +45,18 @@ def test_finish_card_keeps_the_evaluation_honest():
     assert ev["stage2_adaptation"] == {"before": {"a": 1}, "after": {"b": 2}}  # kept, not presented as final
     assert "ct" in ev["not_evaluated_on_real_images"] and "lesion (every modality)" in ev["not_evaluated_on_real_images"]
     assert out["input"]["overlap"] == 0.25 and "not validated on patients" in out["intended_use"]
+    # finish run again on a finished package keeps stage 2's record
+    again = brain.finish_card(out, real, synthetic)
+    assert again["evaluation"]["stage2_adaptation"] == {"before": {"a": 1}, "after": {"b": 2}}
+
+
+def test_the_bundled_evaluation_used_the_overlap_that_ships(tmp_path):
+    card = load_card(bundled_model_dir("brain"))
+    assert card["input"]["overlap"] == brain.OVERLAP
+    assert card["evaluation"]["overlap"] == brain.OVERLAP  # the figures in docs/model.md are what segment does
+    # finish sets the overlap on the package before it evaluates anything
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(dict(card, input=dict(card["input"], overlap=0.5))))
+    brain._set_overlap(path)
+    assert json.loads(path.read_text())["input"]["overlap"] == brain.OVERLAP
+    assert not (tmp_path / "card.json.tmp").exists()

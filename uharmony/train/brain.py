@@ -1,6 +1,6 @@
 """The default brain model, reproducibly: data, training, real-image evaluation, card.
 
-    make brain-model          # = the three steps below (about 2.5 h on 2 CPU cores)
+    make brain-model          # = the three steps below (about 2 h on 2 CPU cores)
     python -m uharmony.train.brain data --out work/heads
     python -m uharmony.train.brain train --data work/heads --out work/brain
     python -m uharmony.train.brain finish --model work/brain [--install]
@@ -33,6 +33,8 @@ DOMAINS = ("mri-t1", "mri-t2", "mri-flair", "ct")
 TRAIN_CASES, VAL_CASES, BASE_SEED = 36, 4, 0
 GATE_TRAIN_CASES, GATE_VAL_CASES, GATE_SEED = 80, 20, 50000  # views for the gate refit only
 GATE_STEPS, GATE_BATCH = 1500, 16
+# 27 instead of 64 windows on a 200^3 1 mm head: the under-a-minute CPU budget (docs/benchmarks.md)
+OVERLAP = 0.25
 
 INTENDED_USE = ("Research use only; not validated on patients and not a medical device. Whole-head brain scans "
                 "(MRI T1, T1 with contrast, T2, PD, FLAIR, or non-contrast CT) segmented into cerebrospinal fluid, "
@@ -112,13 +114,12 @@ def synthetic_evaluation(model_dir: str, data: str) -> dict:
 def finish_card(card: dict, real: dict, synthetic: dict | None = None) -> dict:
     card = dict(card)
     card["name"] = "brain"
-    card["version"] = "1.1.0"
+    card["version"] = "1.2.0"
     card["description"] = ("Default UHarmony brain model: one U-Harmony network with four domains (MRI T1-like, "
                            "T2/PD-like, FLAIR-like, CT), trained on atlas-based synthetic heads with GIN.")
     card["intended_use"] = INTENDED_USE
     card["limitations"] = list(LIMITATIONS)
-    # 27 instead of 64 windows on a 200^3 1 mm head: the under-a-minute CPU budget (docs/benchmarks.md)
-    card["input"]["overlap"] = 0.25
+    card["input"]["overlap"] = OVERLAP
     training = dict(card["training"])
     training["command"] = "make brain-model (python -m uharmony.train.brain data/train/finish)"
     training["stages"] = [
@@ -148,6 +149,8 @@ def finish_card(card: dict, real: dict, synthetic: dict | None = None) -> dict:
             "training.stages / gate.refit (accuracy_after, 20 + 4 heads per domain)")
         if "before" in old:
             evaluation["stage2_adaptation"] = {k: old[k] for k in ("before", "after", "table") if k in old}
+        elif "stage2_adaptation" in old:  # finish run again on a finished package
+            evaluation["stage2_adaptation"] = old["stage2_adaptation"]
     else:
         evaluation = old
     evaluation["real_images"] = real["images"]
@@ -156,21 +159,33 @@ def finish_card(card: dict, real: dict, synthetic: dict | None = None) -> dict:
     return card
 
 
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def _set_overlap(card_path: Path) -> None:
+    card = json.loads(card_path.read_text())
+    if card["input"].get("overlap") != OVERLAP:
+        card["input"]["overlap"] = OVERLAP
+        _write_json(card_path, card)
+
+
 def cmd_finish(model: str, install: bool, images: str, data: str | None = None) -> int:
     from uharmony.bench.real import run_bench_real
     from uharmony.model.card import validate_card
 
+    card_path = Path(model) / "card.json"
+    _set_overlap(card_path)  # first, so that every evaluation below uses the overlap that ships
     real_json = Path(model) / "real_eval.json"
     run_bench_real(model, out=images, json_path=str(real_json))
     real = json.loads(real_json.read_text())
     real_json.unlink()
     synthetic = synthetic_evaluation(model, data) if data else None
-    card_path = Path(model) / "card.json"
     card = finish_card(json.loads(card_path.read_text()), real, synthetic)
     validate_card(card, card_path)
-    tmp = card_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(card, indent=1))
-    tmp.replace(card_path)
+    _write_json(card_path, card)
     if install:
         dest = REPO / "uharmony" / "models" / "brain"
         if dest.exists():
