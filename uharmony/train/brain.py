@@ -160,9 +160,10 @@ def finish_card(card: dict, real: dict, synthetic: dict | None = None) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    from uharmony.data.io import atomic_output
+
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=1))
 
 
 def _set_overlap(card_path: Path) -> None:
