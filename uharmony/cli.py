@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in cards as the command that made them
     reporter = Reporter(getattr(args, "progress", "none"))
     reporter.claim_stdout()
     previous = signal.signal(signal.SIGTERM, _raise_cancelled)
@@ -294,7 +295,7 @@ def _segment(args, reporter: Reporter) -> int:
 
 
 def _train(args, reporter: Reporter) -> int:
-    argv = sys.argv[1:]
+    argv = args.argv
     if args.command == "train":
         from uharmony.train.trainer import run_train
 

@@ -106,3 +106,16 @@ def test_refit_gate_refuses_unknown_domains_and_an_existing_output(misrouting, s
     p = run("refit-gate", "--model", misrouting, "--data", *style_lists, "--out", out, "--steps", 1)
     assert p.returncode == ExitCode.OUTPUT_ERROR and "exists already" in p.stderr
     assert (out / "keep.txt").read_text() == "mine" and not (out / "card.json").exists()
+
+
+def test_a_card_records_the_command_it_was_called_with_not_the_callers_argv(misrouting, style_lists, tmp_path):
+    # `python -m uharmony.train.brain train` calls the CLI in-process; the card must name the
+    # `uharmony refit-gate ...` it ran, not the wrapper's (or here pytest's) sys.argv
+    from uharmony.cli import main as cli_main
+
+    out = tmp_path / "refit"
+    argv = ["refit-gate", "--model", str(misrouting), "--data", *map(str, style_lists), "--out", str(out),
+            "--steps", "1", "--batch-size", "2", "--progress", "none"]
+    assert cli_main(argv) == 0
+    command = json.loads((out / "card.json").read_text())["gate"]["refit"]["command"]
+    assert command == "uharmony " + " ".join(argv)

@@ -68,10 +68,11 @@ def cmd_train(data: str, out: str, resume: bool) -> int:
     lists = [str(Path(data) / d / "dataset.json") for d in DOMAINS]
     gate_lists = lists + [str(Path(data) / "gate" / d / "dataset.json") for d in DOMAINS]
     stage1, stage2 = f"{out}.stage1", f"{out}.stage2"
+    config, continue_config = _shown(CONFIG), _shown(CONTINUE_CONFIG)  # the cards record the commands
     again = ["--resume"] if resume else []
     steps = [
-        (stage1, ["train", "--data", *lists, "--config", str(CONFIG), "--out", stage1, "--device", "auto", *again]),
-        (stage2, ["adapt", "--model", stage1, "--data", *lists, "--config", str(CONTINUE_CONFIG), "--out", stage2,
+        (stage1, ["train", "--data", *lists, "--config", config, "--out", stage1, "--device", "auto", *again]),
+        (stage2, ["adapt", "--model", stage1, "--data", *lists, "--config", continue_config, "--out", stage2,
                   "--device", "auto", *again]),
         (out, ["refit-gate", "--model", stage2, "--data", *gate_lists, "--out", out, "--steps", str(GATE_STEPS),
                "--batch-size", str(GATE_BATCH), "--device", "auto"]),
@@ -84,6 +85,14 @@ def cmd_train(data: str, out: str, resume: bool) -> int:
         if code:
             return code
     return 0
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (``make`` runs in the repo)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def synthetic_evaluation(model_dir: str, data: str) -> dict:
