@@ -235,3 +235,20 @@ def test_adapt_gate_batches_draw_every_domain_equally_often():
     shares = {d: drawn.count(d) / len(drawn) for d in ("flair", "dom-a", "dom-b")}
     assert abs(seg_share - 0.5) < 0.03  # the segmentation batches: half new data (replay as designed)
     assert all(abs(s - 1 / 3) < 0.03 for s in shares.values()), shares
+
+
+def test_adapt_with_gate_weight_zero_leaves_the_gate_as_it_was(tiny_model, adapt_data, tmp_path):
+    # the brain model's stages 4-6 continue the segmentation network after the gate refit (stage 3)
+    from safetensors.torch import load_file
+
+    config = tmp_path / "frozen-gate.toml"
+    config.write_text("steps = 4\nbatch_size = 2\ncheckpoint_every = 0\n[augment]\ngin = false\n[gate]\nweight = 0.0\n")
+    out = tmp_path / "continued"
+    p = run("adapt", "--model", tiny_model, "--data", adapt_data["keep"], "--out", out, "--config", config)
+    assert p.returncode == 0, p.stderr
+    base, new = load_file(str(tiny_model / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(base) == set(new)
+    learnt = [k for k in base if not k.startswith("gate.") and not torch.equal(base[k], new[k])]
+    assert any(k.startswith("heads.dom-a") for k in learnt) and any(k.startswith("backbone.") for k in learnt)
+    frozen = [k for k in base if k.startswith("gate.") and not k.startswith("gate.calibration.")]
+    assert frozen and all(torch.equal(base[k], new[k]) for k in frozen)

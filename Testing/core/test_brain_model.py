@@ -13,17 +13,19 @@ from uharmony.train.config import load_config
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_the_bundled_card_records_the_three_stages_of_the_repository_recipe():
+def test_the_bundled_card_records_the_six_stages_of_the_repository_recipe():
     card = load_card(bundled_model_dir("brain"))  # schema-validated
     stages = card["training"]["stages"]
-    assert [s["stage"] for s in stages] == [1, 2, 3]
-    for stage in stages[:2]:
+    assert [s["stage"] for s in stages] == [1, 2, 3, 4, 5, 6]
+    for stage in stages[:2] + stages[3:]:
         assert (REPO / stage["config"]).is_file(), stage
-    # stage 2 was trained with what configs/brain-continue.toml says today
-    cont, _ = load_config(REPO / stages[1]["config"], kind="adapt")
+    assert [REPO / s["config"] for s in stages[3:]] == list(brain.LESION_CONFIGS)
+    # the last stage (6) was trained with what its config says today: GIN off, the gate frozen
+    last, _ = load_config(REPO / stages[-1]["config"], kind="adapt")
     used = card["training"]["config"]
-    assert used["steps"] == cont.steps and used["class_balance"] is cont.class_balance is True
-    assert used["lr"] == cont.lr and used["fg_prob"] == cont.fg_prob
+    assert used["steps"] == last.steps and used["class_balance"] is last.class_balance is True
+    assert used["lr"] == last.lr and used["fg_prob"] == last.fg_prob and used["seed"] == last.seed
+    assert used["augment"]["gin"] is last.augment.gin is False and used["gate"]["weight"] == last.gate.weight == 0
     # stage 3: the gate refit, on the gate heads of `brain.py data`
     refit = card["gate"]["refit"]
     assert refit["steps"] == brain.GATE_STEPS and refit["batch_size"] == brain.GATE_BATCH
@@ -42,12 +44,12 @@ def test_finish_card_keeps_the_evaluation_honest():
     out = brain.finish_card(dict(card, evaluation={"before": {"a": 1}, "after": {"b": 2}}), real, synthetic)
     ev = out["evaluation"]
     assert ev["dice"] == synthetic["dice"] and ev["real_images"] == real["images"]
-    assert ev["stage2_adaptation"] == {"before": {"a": 1}, "after": {"b": 2}}  # kept, not presented as final
+    assert ev["last_stage_adaptation"] == {"stage": 6, "before": {"a": 1}, "after": {"b": 2}}  # not presented as final
     assert "ct" in ev["not_evaluated_on_real_images"] and "lesion (every modality)" in ev["not_evaluated_on_real_images"]
     assert out["input"]["overlap"] == 0.25 and "not validated on patients" in out["intended_use"]
     # finish run again on a finished package keeps stage 2's record
     again = brain.finish_card(out, real, synthetic)
-    assert again["evaluation"]["stage2_adaptation"] == {"before": {"a": 1}, "after": {"b": 2}}
+    assert again["evaluation"]["last_stage_adaptation"] == {"stage": 6, "before": {"a": 1}, "after": {"b": 2}}
 
 
 def test_the_bundled_evaluation_used_the_overlap_that_ships(tmp_path):
