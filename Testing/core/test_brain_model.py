@@ -47,7 +47,7 @@ def test_finish_card_keeps_the_evaluation_honest():
     assert ev["last_stage_adaptation"] == {"stage": 6, "before": {"a": 1}, "after": {"b": 2}}  # not presented as final
     assert "ct" in ev["not_evaluated_on_real_images"] and "lesion (every modality)" in ev["not_evaluated_on_real_images"]
     assert out["input"]["overlap"] == 0.25 and "not validated on patients" in out["intended_use"]
-    # finish run again on a finished package keeps stage 2's record
+    # finish run again on a finished package keeps the last stage's record
     again = brain.finish_card(out, real, synthetic)
     assert again["evaluation"]["last_stage_adaptation"] == {"stage": 6, "before": {"a": 1}, "after": {"b": 2}}
 
@@ -62,3 +62,28 @@ def test_the_bundled_evaluation_used_the_overlap_that_ships(tmp_path):
     brain._set_overlap(path)
     assert json.loads(path.read_text())["input"]["overlap"] == brain.OVERLAP
     assert not (tmp_path / "card.json.tmp").exists()
+
+
+def test_brain_train_chains_the_six_stages(monkeypatch, tmp_path):
+    # the commands only (uharmony.cli.main is replaced: the stages themselves take hours)
+    import uharmony.cli
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(uharmony.cli, "main", lambda argv: calls.append(argv) or 0)
+    out = str(tmp_path / "brain")
+    assert brain.cmd_train(str(tmp_path / "heads"), out, resume=False) == 0
+    def arg(argv, flag):
+        return argv[argv.index(flag) + 1]
+
+    assert [c[0] for c in calls] == ["train", "adapt", "refit-gate", "adapt", "adapt", "adapt"]
+    outs = [arg(c, "--out") for c in calls]
+    assert outs == [f"{out}.stage{n}" for n in range(1, 6)] + [out]
+    assert [arg(c, "--model") for c in calls[1:]] == outs[:-1]  # each stage starts from the one before
+    configs = [arg(c, "--config") for c in calls if "--config" in c]
+    assert [Path(p).name for p in configs] == ["brain.toml", "brain-continue.toml",
+                                               *(p.name for p in brain.LESION_CONFIGS)]
+    (tmp_path / "brain.stage2").mkdir()
+    (tmp_path / "brain.stage2" / "card.json").write_text("{}")
+    calls.clear()
+    assert brain.cmd_train(str(tmp_path / "heads"), out, resume=False) == 0
+    assert len(calls) == 5  # a finished stage is kept, not redone

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "brain.toml"
 CONTINUE_CONFIG = REPO / "configs" / "brain-continue.toml"
 LESION_CONFIGS = tuple(REPO / "configs" / f"brain-lesion-{x}.toml" for x in "abc")  # stages 4, 5, 6
+LAST_STAGE = 3 + len(LESION_CONFIGS)
 DOMAINS = ("mri-t1", "mri-t2", "mri-flair", "ct")
 TRAIN_CASES, VAL_CASES, BASE_SEED = 36, 4, 0
 GATE_TRAIN_CASES, GATE_VAL_CASES, GATE_SEED = 80, 20, 50000  # views for the gate refit only
@@ -73,27 +74,21 @@ def cmd_train(data: str, out: str, resume: bool) -> int:
 
     lists = [str(Path(data) / d / "dataset.json") for d in DOMAINS]
     gate_lists = lists + [str(Path(data) / "gate" / d / "dataset.json") for d in DOMAINS]
-    stage1, stage2 = f"{out}.stage1", f"{out}.stage2"
-    config, continue_config = _shown(CONFIG), _shown(CONTINUE_CONFIG)  # the cards record the commands
+    folders = [f"{out}.stage{n}" for n in range(1, LAST_STAGE)] + [out]  # stage n writes folders[n - 1]
     again = ["--resume"] if resume else []
     steps = [
-        (stage1, ["train", "--data", *lists, "--config", config, "--out", stage1, "--device", "auto", *again]),
-        (stage2, ["adapt", "--model", stage1, "--data", *lists, "--config", continue_config, "--out", stage2,
-                  "--device", "auto", *again]),
-        (f"{out}.stage3", ["refit-gate", "--model", stage2, "--data", *gate_lists, "--out", f"{out}.stage3",
-                           "--steps", str(GATE_STEPS), "--batch-size", str(GATE_BATCH), "--device", "auto"]),
+        ["train", "--data", *lists, "--config", _shown(CONFIG), *again],
+        ["adapt", "--model", folders[0], "--data", *lists, "--config", _shown(CONTINUE_CONFIG), *again],
+        ["refit-gate", "--model", folders[1], "--data", *gate_lists, "--steps", str(GATE_STEPS),
+         "--batch-size", str(GATE_BATCH)],
+        *(["adapt", "--model", folders[n - 2], "--data", *lists, "--config", _shown(c), *again]
+          for n, c in enumerate(LESION_CONFIGS, start=4)),
     ]
-    previous = f"{out}.stage3"
-    for number, config_path in enumerate(LESION_CONFIGS, start=4):
-        folder = out if number == 6 else f"{out}.stage{number}"
-        steps.append((folder, ["adapt", "--model", previous, "--data", *lists, "--config", _shown(config_path),
-                               "--out", folder, "--device", "auto", *again]))
-        previous = folder
-    for folder, argv in steps:
+    for folder, argv in zip(folders, steps, strict=True):
         if (Path(folder) / "card.json").is_file():
             print(f"{folder} is done already; kept", file=sys.stderr)
             continue
-        code = cli_main(argv)
+        code = cli_main([*argv, "--out", folder, "--device", "auto"])
         if code:
             return code
     return 0
@@ -171,8 +166,8 @@ def finish_card(card: dict, real: dict, synthetic: dict | None = None) -> dict:
             "dice_oracle_routing: the same, routed by the true domain. gate_accuracy on more cases: "
             "training.stages / gate.refit (accuracy_after, 20 + 4 heads per domain)")
         if "before" in old:  # the last stage's before/after, at the stage's overlap
-            evaluation["last_stage_adaptation"] = {"stage": 6, **{k: old[k] for k in ("before", "after", "table")
-                                                                  if k in old}}
+            evaluation["last_stage_adaptation"] = {"stage": LAST_STAGE, **{k: old[k] for k in ("before", "after", "table")
+                                                                           if k in old}}
         elif "last_stage_adaptation" in old:  # finish run again on a finished package
             evaluation["last_stage_adaptation"] = old["last_stage_adaptation"]
     else:
