@@ -43,13 +43,14 @@ def test_finish_card_keeps_the_evaluation_honest():
     synthetic = {"routing": "auto", "dice": {"ct": {"grey matter": 0.4}}, "gate_accuracy": {"ct": 1.0}}
     out = brain.finish_card(dict(card, evaluation={"before": {"a": 1}, "after": {"b": 2}}), real, synthetic)
     ev = out["evaluation"]
+    last_stage = {"stage": brain.LAST_STAGE, "before": {"a": 1}, "after": {"b": 2}}
     assert ev["dice"] == synthetic["dice"] and ev["real_images"] == real["images"]
-    assert ev["last_stage_adaptation"] == {"stage": brain.LAST_STAGE, "before": {"a": 1}, "after": {"b": 2}}  # not presented as final
+    assert ev["last_stage_adaptation"] == last_stage  # kept for the record, not presented as final
     assert "ct" in ev["not_evaluated_on_real_images"] and "lesion (every modality)" in ev["not_evaluated_on_real_images"]
     assert out["input"]["overlap"] == 0.25 and "not validated on patients" in out["intended_use"]
     # finish run again on a finished package keeps the last stage's record
     again = brain.finish_card(out, real, synthetic)
-    assert again["evaluation"]["last_stage_adaptation"] == {"stage": brain.LAST_STAGE, "before": {"a": 1}, "after": {"b": 2}}
+    assert again["evaluation"]["last_stage_adaptation"] == last_stage
 
 
 def test_the_bundled_evaluation_used_the_overlap_that_ships(tmp_path):

@@ -50,8 +50,8 @@ LIMITATIONS = [
     ("Evaluated on real images only for T1 (MNI152 2009a average and one ITK example subject); T2, PD, FLAIR "
      "and CT have had NO evaluation on real images, only on synthetic held-out cases."),
     ("Lesions were random smooth blobs, and the lesion class is learnt only weakly and nearly only for FLAIR "
-     "(synthetic Dice about 0.3; about 0.05 in T1, 0 in T2 and CT); it marks a few ml of lesion in lesion-free real brains and has had no "
-     "evaluation on real lesions."),
+     "(synthetic Dice about 0.3; about 0.05 in T1, 0 in T2 and CT); it marks a few ml of lesion in lesion-free "
+     "real brains and has had no evaluation on real lesions."),
     ("CSF was derived (intracranial volume minus grey and white matter), so its boundary with dura and bone "
      "is approximate."),
     "Works at 2 mm: thin cortex is partial-volumed; volumes are estimates.",
@@ -166,8 +166,8 @@ def finish_card(card: dict, real: dict, synthetic: dict | None = None) -> dict:
             "dice_oracle_routing: the same, routed by the true domain. gate_accuracy on more cases: "
             "training.stages / gate.refit (accuracy_after, 20 + 4 heads per domain)")
         if "before" in old:  # the last stage's before/after, at the stage's overlap
-            evaluation["last_stage_adaptation"] = {"stage": LAST_STAGE, **{k: old[k] for k in ("before", "after", "table")
-                                                                           if k in old}}
+            record = {k: old[k] for k in ("before", "after", "table") if k in old}
+            evaluation["last_stage_adaptation"] = {"stage": LAST_STAGE, **record}
         elif "last_stage_adaptation" in old:  # finish run again on a finished package
             evaluation["last_stage_adaptation"] = old["last_stage_adaptation"]
     else:
