@@ -12,7 +12,9 @@ from fed_helpers import Procs, join_args, read_rounds, register, wait_for, write
 @pytest.fixture(scope="module")
 def faults(fed_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    config, port = write_config(root, fed_data, rounds=2, min_sites=2, start_sites=3, timeout=25, deadline=500,
+    # The round waits round_timeout_s for the killed site. 25 s was too short on a loaded CI machine: a live
+    # site's first ClientApp (a cold start importing torch and MONAI, three at once on two cores) missed it.
+    config, port = write_config(root, fed_data, rounds=2, min_sites=2, start_sites=3, timeout=75, deadline=600,
                                 evaluate=False)
     out = root / "federation"
     procs = Procs(root)
@@ -49,7 +51,11 @@ def test_a_site_killed_mid_round_does_not_stop_the_round(faults):
     assert first["sent_to"] == 3
     assert sorted(p["domain"] for p in first["participants"]) == ["synth-t1", "synth-t2"]
     assert first["aggregated"] is True
-    assert any("no reply within" in f["reason"] for f in first["failures"]), first["failures"]
+    # One failure, named by site C's node id (Flower's own "Node Unavailable" reply comes from the SuperLink,
+    # node 1; it is put down to the site it answers for, so no site is counted twice or as node 1).
+    [failure] = first["failures"]
+    assert failure["site"] not in {p["site"] for p in first["participants"]} | {"1"}, first["failures"]
+    assert "no reply within" in failure["reason"] or "Node Unavailable" in failure["reason"], failure
     assert (faults["out"] / "rounds" / "0001" / "model.safetensors").is_file()
 
 

@@ -133,6 +133,7 @@ class UHarmonyStrategy(FedAvg):
         self.offset = int(s.get("start_round", 1)) - 1
         self.entry: dict = {}
         self.responders: list[int] = []
+        self.outbox: list = []  # the messages of the current phase, their ids set by the grid on sending
         self.t_round = time.time()
         self.t_eval: float | None = None
         self.start_info = {"new_run_from_round": self.offset, "resumed_from": s.get("resume_from"),
@@ -141,6 +142,17 @@ class UHarmonyStrategy(FedAvg):
     # -- helpers ---------------------------------------------------------------------------
     def status(self, **fields) -> None:
         write_json_atomic(self.out / STATUS, {"time": time.time(), **fields})
+
+    def _outgoing(self, record: RecordDict, nodes: list[int], kind: str) -> list:
+        self.outbox = list(self._construct_messages(record, nodes, kind))
+        return self.outbox
+
+    def site_of(self, reply) -> int:
+        """The site a reply answers for. Flower's own error replies (a site that stopped sending heartbeats)
+        come from the SuperLink, node 1, and name only the instruction they answer: the grid wrote that
+        instruction's id into the message we sent."""
+        sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self.outbox}
+        return sent.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
 
     def wait_for_sites(self, grid: Grid, round_no: int) -> list[int]:
         need = int(self.s["min_sites"])
@@ -173,7 +185,7 @@ class UHarmonyStrategy(FedAvg):
         if server_round == 1:
             self.entry["start"] = self.start_info
         record = RecordDict({M.ARRAYS: arrays, M.CONFIG: self.round_config(round_no, len(nodes))})
-        return self._construct_messages(record, nodes, MessageType.TRAIN)
+        return self._outgoing(record, nodes, MessageType.TRAIN)
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
@@ -182,7 +194,7 @@ class UHarmonyStrategy(FedAvg):
         updates: list[A.Update] = []
         answered = set()
         for msg in replies:
-            node = int(msg.metadata.src_node_id)
+            node = self.site_of(msg)
             answered.add(node)
             if msg.has_error():
                 e["failures"].append({"site": str(node), "reason": str(msg.error.reason)[:500]})
@@ -228,7 +240,7 @@ class UHarmonyStrategy(FedAvg):
         self.status(state="evaluating", round=self.offset + server_round)
         record = RecordDict({M.ARRAYS: arrays, M.CONFIG: self.round_config(self.offset + server_round,
                                                                              len(self.responders))})
-        return self._construct_messages(record, self.responders, MessageType.EVALUATE)
+        return self._outgoing(record, self.responders, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round, replies):
         e = self.entry
@@ -237,7 +249,7 @@ class UHarmonyStrategy(FedAvg):
         e["seconds"]["evaluate_phase"] = round(time.time() - self.t_eval, 2)
         by_site = {p["site"]: p for p in e["participants"]}
         for msg in replies:
-            node = str(int(msg.metadata.src_node_id))
+            node = str(self.site_of(msg))
             if msg.has_error():
                 e["failures"].append({"site": node, "phase": "evaluate", "reason": str(msg.error.reason)[:500]})
                 continue
