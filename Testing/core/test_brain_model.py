@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from uharmony.model.card import load_card
@@ -88,3 +89,31 @@ def test_brain_train_chains_the_eight_stages(monkeypatch, tmp_path):
     calls.clear()
     assert brain.cmd_train(str(tmp_path / "heads"), out, resume=False) == 0
     assert len(calls) == 7  # a finished stage is kept, not redone
+
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return [obj] if isinstance(obj, str) else []
+
+
+def test_the_bundled_card_names_no_machines_folders():
+    card = json.loads((bundled_model_dir("brain") / "card.json").read_text())
+    absolute = [s for s in _strings(card) if re.search(r"(^|\s)/\w", s)]
+    assert absolute == []
+    # the nested stage records still say what each stage trained on, in make brain-model's layout
+    assert card["training"]["datalists"][0]["path"] == "work/heads/mri-t1/dataset.json"
+
+
+def test_portable_paths_rewrites_only_the_given_roots(tmp_path):
+    data, elsewhere = tmp_path / "data", "/opt/other/x.json"
+    card = {"command": f"uharmony adapt --model {data}/brain6 --data {data}/heads/ct/dataset.json",
+            "datalists": [{"path": f"{data}/heads/ct/dataset.json"}, {"path": elsewhere}],
+            "url": "https://example.org/data/x", "n": 3}
+    out = brain.portable_paths(card, [data, tmp_path / "data" / "heads" / ".."])  # the same root twice
+    assert out["command"] == "uharmony adapt --model work/brain6 --data work/heads/ct/dataset.json"
+    assert out["datalists"] == [{"path": "work/heads/ct/dataset.json"}, {"path": elsewhere}]
+    assert out["url"] == card["url"] and out["n"] == 3
+    assert card["datalists"][0]["path"].startswith(str(data))  # the input is not changed

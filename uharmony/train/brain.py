@@ -178,6 +178,23 @@ def finish_card(card: dict, real: dict, synthetic: dict | None = None) -> dict:
     return card
 
 
+def portable_paths(obj, roots, name: str = "work"):
+    """``obj`` (a card) with every ``root/`` in its strings written as ``name/``, deepest root first.
+
+    The trainer records the absolute paths it was given (its datalists, base model, command line); a card
+    that ships with the repository names no machine's folders, only the layout of `make brain-model`.
+    """
+    prefixes = sorted({str(Path(r).resolve()).rstrip("/") + "/" for r in roots}, key=len, reverse=True)
+    if isinstance(obj, dict):
+        return {k: portable_paths(v, roots, name) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable_paths(v, roots, name) for v in obj]
+    if isinstance(obj, str):
+        for prefix in prefixes:
+            obj = obj.replace(prefix, f"{name}/")
+    return obj
+
+
 def _write_json(path: Path, data: dict) -> None:
     from uharmony.data.io import atomic_output
 
@@ -204,6 +221,7 @@ def cmd_finish(model: str, install: bool, images: str, data: str | None = None) 
     real_json.unlink()
     synthetic = synthetic_evaluation(model, data) if data else None
     card = finish_card(json.loads(card_path.read_text()), real, synthetic)
+    card = portable_paths(card, [Path(model).resolve().parent] + ([Path(data).resolve().parent] if data else []))
     validate_card(card, card_path)
     _write_json(card_path, card)
     if install:
