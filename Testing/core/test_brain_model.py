@@ -14,14 +14,14 @@ from uharmony.train.config import load_config
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_the_bundled_card_records_the_eight_stages_of_the_repository_recipe():
+def test_the_bundled_card_records_every_stage_of_the_repository_recipe():
     card = load_card(bundled_model_dir("brain"))  # schema-validated
     stages = card["training"]["stages"]
-    assert [s["stage"] for s in stages] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [s["stage"] for s in stages] == list(range(1, brain.LAST_STAGE + 1)) == list(range(1, 10))
     for stage in stages[:2] + stages[3:]:
         assert (REPO / stage["config"]).is_file(), stage
     assert [REPO / s["config"] for s in stages[3:]] == list(brain.LESION_CONFIGS)
-    # the last stage (8) was trained with what its config says today: GIN off, the gate frozen
+    # the last stage (9) was trained with what its config says today: GIN off, the gate frozen
     last, _ = load_config(REPO / stages[-1]["config"], kind="adapt")
     used = card["training"]["config"]
     assert used["steps"] == last.steps and used["class_balance"] is last.class_balance is True
@@ -66,7 +66,7 @@ def test_the_bundled_evaluation_used_the_overlap_that_ships(tmp_path):
     assert not (tmp_path / "card.json.tmp").exists()
 
 
-def test_brain_train_chains_the_eight_stages(monkeypatch, tmp_path):
+def test_brain_train_chains_the_nine_stages(monkeypatch, tmp_path):
     # the commands only (uharmony.cli.main is replaced: the stages themselves take hours)
     import uharmony.cli
 
@@ -77,9 +77,9 @@ def test_brain_train_chains_the_eight_stages(monkeypatch, tmp_path):
     def arg(argv, flag):
         return argv[argv.index(flag) + 1]
 
-    assert [c[0] for c in calls] == ["train", "adapt", "refit-gate", "adapt", "adapt", "adapt", "adapt", "adapt"]
+    assert [c[0] for c in calls] == ["train", "adapt", "refit-gate", *["adapt"] * 6]
     outs = [arg(c, "--out") for c in calls]
-    assert outs == [f"{out}.stage{n}" for n in range(1, 8)] + [out]
+    assert outs == [f"{out}.stage{n}" for n in range(1, 9)] + [out]
     assert [arg(c, "--model") for c in calls[1:]] == outs[:-1]  # each stage starts from the one before
     configs = [arg(c, "--config") for c in calls if "--config" in c]
     assert [Path(p).name for p in configs] == ["brain.toml", "brain-continue.toml",
@@ -88,7 +88,7 @@ def test_brain_train_chains_the_eight_stages(monkeypatch, tmp_path):
     (tmp_path / "brain.stage2" / "card.json").write_text("{}")
     calls.clear()
     assert brain.cmd_train(str(tmp_path / "heads"), out, resume=False) == 0
-    assert len(calls) == 7  # a finished stage is kept, not redone
+    assert len(calls) == 8  # a finished stage is kept, not redone
 
 
 def _strings(obj):
