@@ -185,14 +185,18 @@ def portable_paths(obj, roots, name: str = "work"):
     that ships with the repository names no machine's folders, only the layout of `make brain-model`.
     """
     prefixes = sorted({str(Path(r).resolve()).rstrip("/") + "/" for r in roots}, key=len, reverse=True)
-    if isinstance(obj, dict):
-        return {k: portable_paths(v, roots, name) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [portable_paths(v, roots, name) for v in obj]
-    if isinstance(obj, str):
-        for prefix in prefixes:
-            obj = obj.replace(prefix, f"{name}/")
-    return obj
+
+    def walk(o):
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [walk(v) for v in o]
+        if isinstance(o, str):
+            for prefix in prefixes:
+                o = o.replace(prefix, f"{name}/")
+        return o
+
+    return walk(obj)
 
 
 def _write_json(path: Path, data: dict) -> None:
