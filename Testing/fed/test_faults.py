@@ -63,13 +63,14 @@ def test_a_restarted_coordinator_continues_from_the_last_global_model(faults):
     procs = faults["procs"]
     assert faults["code"] == 0, procs.err("serve2")[-3000:]
     log = read_rounds(faults["out"])
-    assert [e["round"] for e in log] == [1, 2]
+    why = f"round log {log}\nserve2 events {procs.out('serve2')[-3000:]}\nserve2 err {procs.err('serve2')[-3000:]}"
+    assert [e["round"] for e in log] == [1, 2], why
     second = log[1]
-    assert second["run_round"] == 1  # a new Flower run ...
-    assert second["start"]["new_run_from_round"] == 1  # ... that started after round 1
-    assert second["start"]["model_sha256"] == faults["first"]["model_sha256"]  # from round 1's global model
-    assert second["model_sha256"] != faults["first"]["model_sha256"]
-    assert second["aggregated"] is True
+    assert second["run_round"] == 1, why  # a new Flower run ...
+    assert second["start"]["new_run_from_round"] == 1, why  # ... that started after round 1
+    assert second["start"]["model_sha256"] == faults["first"]["model_sha256"], why  # from round 1's global model
+    assert second["model_sha256"] != faults["first"]["model_sha256"], why
+    assert second["aggregated"] is True, why
     events = procs.events("serve2")
-    assert [e["round"] for e in events if e["event"] == "round"] == [2]
-    assert any("continuing after round 1" in e.get("message", "") for e in events)
+    assert [e["round"] for e in events if e["event"] == "round"] == [2], why
+    assert any("continuing after round 1" in e.get("message", "") for e in events), why
