@@ -147,12 +147,12 @@ class UHarmonyStrategy(FedAvg):
         self.outbox = list(self._construct_messages(record, nodes, kind))
         return self.outbox
 
-    def site_of(self, reply) -> int:
-        """The site a reply answers for. Flower's own error replies (a site that stopped sending heartbeats)
+    def by_site(self, replies) -> list[tuple[int, object]]:
+        """(site, reply) for each reply. Flower's own error replies (a site that stopped sending heartbeats)
         come from the SuperLink, node 1, and name only the instruction they answer: the grid wrote that
         instruction's id into the message we sent."""
         sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self.outbox}
-        return sent.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
+        return [(sent.get(r.metadata.reply_to_message_id, int(r.metadata.src_node_id)), r) for r in replies]
 
     def wait_for_sites(self, grid: Grid, round_no: int) -> list[int]:
         need = int(self.s["min_sites"])
@@ -181,20 +181,17 @@ class UHarmonyStrategy(FedAvg):
         self.entry = {"round": round_no, "run_round": server_round, "sent_to": len(nodes), "participants": [],
                       "rejected": [], "failures": [],
                       "bytes": {"down_per_site": int(sum(a.nbytes for a in self.global_np.values()))}}
-        self.sent = nodes
         if server_round == 1:
             self.entry["start"] = self.start_info
         record = RecordDict({M.ARRAYS: arrays, M.CONFIG: self.round_config(round_no, len(nodes))})
         return self._outgoing(record, nodes, MessageType.TRAIN)
 
     def aggregate_train(self, server_round, replies):
-        replies = list(replies)
         e = self.entry
         e["seconds"] = {"train_phase": round(time.time() - self.t_round, 2)}
         updates: list[A.Update] = []
         answered = set()
-        for msg in replies:
-            node = self.site_of(msg)
+        for node, msg in self.by_site(replies):
             answered.add(node)
             if msg.has_error():
                 e["failures"].append({"site": str(node), "reason": str(msg.error.reason)[:500]})
@@ -209,7 +206,7 @@ class UHarmonyStrategy(FedAvg):
             arrays = M.from_arrays(msg.content[M.ARRAYS])
             updates.append(A.Update(site=str(node), domain=domain, samples=metrics["samples"], arrays=arrays,
                                     extra={"train": metrics, "bytes_up": int(sum(a.nbytes for a in arrays.values()))}))
-        for node in self.sent:
+        for node in (int(m.metadata.dst_node_id) for m in self.outbox):
             if node not in answered:
                 e["failures"].append({"site": str(node), "reason": f"no reply within {self.s['round_timeout_s']:g} s"})
         accepted, rejected = A.screen(self.global_np, updates, self.history, factor=float(self.s["reject_factor"]))
@@ -248,8 +245,8 @@ class UHarmonyStrategy(FedAvg):
             return
         e["seconds"]["evaluate_phase"] = round(time.time() - self.t_eval, 2)
         by_site = {p["site"]: p for p in e["participants"]}
-        for msg in replies:
-            node = str(self.site_of(msg))
+        for site, msg in self.by_site(replies):
+            node = str(site)
             if msg.has_error():
                 e["failures"].append({"site": node, "phase": "evaluate", "reason": str(msg.error.reason)[:500]})
                 continue
