@@ -29,7 +29,7 @@ demo: $(VENV)/.base
 	$(PY) -m uharmony.data.sources itk-examples
 	$(VENV)/bin/uharmony demo --out demo_out
 
-# Rebuild the default brain model (about 4 h on 2 CPU cores; never in CI). See docs/model.md.
+# Rebuild the default brain model (about 4.5 h on 2 CPU cores; never in CI). See docs/model.md.
 brain-model: $(VENV)/.base
 	$(PY) -m uharmony.train.brain data --out work/heads
 	$(PY) -m uharmony.train.brain train --data work/heads --out work/brain

@@ -17,19 +17,23 @@ REPO = Path(__file__).resolve().parents[2]
 def test_the_bundled_card_records_every_stage_of_the_repository_recipe():
     card = load_card(bundled_model_dir("brain"))  # schema-validated
     stages = card["training"]["stages"]
-    assert [s["stage"] for s in stages] == list(range(1, brain.LAST_STAGE + 1)) == list(range(1, 10))
-    for stage in stages[:2] + stages[3:]:
+    assert [s["stage"] for s in stages] == list(range(1, brain.LAST_STAGE + 1)) == list(range(1, 11))
+    adapts = stages[3:brain.LAST_ADAPT_STAGE]
+    for stage in stages[:2] + adapts:
         assert (REPO / stage["config"]).is_file(), stage
-    assert [REPO / s["config"] for s in stages[3:]] == list(brain.LESION_CONFIGS)
-    # the last stage (9) was trained with what its config says today: GIN off, the gate frozen
-    last, _ = load_config(REPO / stages[-1]["config"], kind="adapt")
+    assert [REPO / s["config"] for s in adapts] == list(brain.LESION_CONFIGS)
+    # the last network stage (9) was trained with what its config says today: GIN off, the gate frozen
+    last, _ = load_config(REPO / adapts[-1]["config"], kind="adapt")
     used = card["training"]["config"]
     assert used["steps"] == last.steps and used["class_balance"] is last.class_balance is True
     assert used["lr"] == last.lr and used["fg_prob"] == last.fg_prob and used["seed"] == last.seed
     assert used["augment"]["gin"] is last.augment.gin is False and used["gate"]["weight"] == last.gate.weight == 0
-    # stage 3: the gate refit, on the gate heads of `brain.py data`
+    # stage 10: the gate refit, on the gate heads of `brain.py data` (gate2/ for T1)
     refit = card["gate"]["refit"]
     assert refit["steps"] == brain.GATE_STEPS and refit["batch_size"] == brain.GATE_BATCH
+    assert stages[-1]["what"].startswith("uharmony refit-gate") and stages[-1]["gate_only_variants"] == ["mri-t1"]
+    lists = refit["datalists"][len(brain.DOMAINS):]
+    assert lists == [f"work/heads/{'gate2' if d == 'mri-t1' else 'gate'}/{d}/dataset.json" for d in brain.DOMAINS]
     per_domain = brain.GATE_VAL_CASES + brain.VAL_CASES
     for domain in brain.DOMAINS:
         assert sum(refit["confusion_after"][domain].values()) == per_domain
@@ -44,7 +48,7 @@ def test_finish_card_keeps_the_evaluation_honest():
     synthetic = {"routing": "auto", "dice": {"ct": {"grey matter": 0.4}}, "gate_accuracy": {"ct": 1.0}}
     out = brain.finish_card(dict(card, evaluation={"before": {"a": 1}, "after": {"b": 2}}), real, synthetic)
     ev = out["evaluation"]
-    last_stage = {"stage": brain.LAST_STAGE, "before": {"a": 1}, "after": {"b": 2}}
+    last_stage = {"stage": brain.LAST_ADAPT_STAGE, "before": {"a": 1}, "after": {"b": 2}}
     assert ev["dice"] == synthetic["dice"] and ev["real_images"] == real["images"]
     assert ev["last_stage_adaptation"] == last_stage  # kept for the record, not presented as final
     assert "ct" in ev["not_evaluated_on_real_images"] and "lesion (every modality)" in ev["not_evaluated_on_real_images"]
@@ -66,7 +70,7 @@ def test_the_bundled_evaluation_used_the_overlap_that_ships(tmp_path):
     assert not (tmp_path / "card.json.tmp").exists()
 
 
-def test_brain_train_chains_the_nine_stages(monkeypatch, tmp_path):
+def test_brain_train_chains_the_ten_stages(monkeypatch, tmp_path):
     # the commands only (uharmony.cli.main is replaced: the stages themselves take hours)
     import uharmony.cli
 
@@ -77,9 +81,9 @@ def test_brain_train_chains_the_nine_stages(monkeypatch, tmp_path):
     def arg(argv, flag):
         return argv[argv.index(flag) + 1]
 
-    assert [c[0] for c in calls] == ["train", "adapt", "refit-gate", *["adapt"] * 6]
+    assert [c[0] for c in calls] == ["train", "adapt", "refit-gate", *["adapt"] * 6, "refit-gate"]
     outs = [arg(c, "--out") for c in calls]
-    assert outs == [f"{out}.stage{n}" for n in range(1, 9)] + [out]
+    assert outs == [f"{out}.stage{n}" for n in range(1, 10)] + [out]
     assert [arg(c, "--model") for c in calls[1:]] == outs[:-1]  # each stage starts from the one before
     configs = [arg(c, "--config") for c in calls if "--config" in c]
     assert [Path(p).name for p in configs] == ["brain.toml", "brain-continue.toml",
@@ -88,7 +92,13 @@ def test_brain_train_chains_the_nine_stages(monkeypatch, tmp_path):
     (tmp_path / "brain.stage2" / "card.json").write_text("{}")
     calls.clear()
     assert brain.cmd_train(str(tmp_path / "heads"), out, resume=False) == 0
-    assert len(calls) == 8  # a finished stage is kept, not redone
+    assert len(calls) == 9  # a finished stage is kept, not redone
+    # the two gate refits: the plain gate heads, then the gate-only variants for the MRI domains
+    first, last = (c[c.index("--data") + 1:c.index("--steps")] for c in (calls[1], calls[-1]))
+    heads = tmp_path / "heads"
+    assert first[4:] == [str(heads / "gate" / d / "dataset.json") for d in brain.DOMAINS]
+    assert last[4:] == [str(heads / ("gate2" if d == "mri-t1" else "gate") / d / "dataset.json") for d in brain.DOMAINS]
+    assert first[:4] == last[:4] == [str(heads / d / "dataset.json") for d in brain.DOMAINS]
 
 
 def _strings(obj):
@@ -117,3 +127,17 @@ def test_portable_paths_rewrites_only_the_given_roots(tmp_path):
     assert out["datalists"] == [{"path": "work/heads/ct/dataset.json"}, {"path": elsewhere}]
     assert out["url"] == card["url"] and out["n"] == 3
     assert card["datalists"][0]["path"].startswith(str(data))  # the input is not changed
+
+
+def test_brain_data_renders_the_gate_only_variants_for_t1(monkeypatch, tmp_path):
+    import uharmony.data.heads
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(uharmony.data.heads, "main", lambda argv: calls.append(argv) or 0)
+    assert brain.cmd_data(str(tmp_path)) == 0
+    outs = [c[c.index("--out") + 1] for c in calls]
+    assert outs == [str(tmp_path), str(tmp_path / "gate"), str(tmp_path / "gate2")]
+    assert ["--for-gate" in c for c in calls] == [False, False, True]
+    last = calls[-1]
+    assert last[last.index("--domains") + 1:last.index("--train")] == ["mri-t1"]
+    assert last[last.index("--seed") + 1] == str(brain.GATE_SEED)  # the same heads as gate/, other contrasts

@@ -133,3 +133,23 @@ def test_real_references_come_from_the_held_out_sources():
     assert d == {"cerebrospinal fluid": 1.0, "grey matter": 1.0, "white matter": 1.0}
     shifted = np.roll(ref, 2, axis=0)
     assert _dice(shifted, ref, mask)["white matter"] < 0.9
+
+
+def test_gate_only_variants_leave_the_training_heads_alone_and_reach_flatter_t1(atlas):
+    from scipy import ndimage as ndi
+
+    seen_low = False
+    for seed in range(8):
+        head = heads.make_head(seed, atlas=atlas, spacing=4.0)
+        plain, info = heads.render(head, "mri-t1", seed, spacing=4.0)
+        assert "low contrast" not in info["variant"]  # the segmentation stages' heads never get it
+        gate_img, gate_info = heads.render(head, "mri-t1", seed, spacing=4.0, for_gate=True)
+        if "low contrast" not in gate_info["variant"]:
+            continue
+        seen_low = True
+        med = {k: float(np.median(gate_img[ndi.binary_erosion(head.tissue == k)]))
+               for k in (heads.CSF, heads.GREY, heads.WHITE)}
+        csf, grey = med[heads.CSF] / med[heads.WHITE], med[heads.GREY] / med[heads.WHITE]
+        assert csf < grey < 1.0, med  # still T1's order, but CSF/WM as high as the MNI template's 0.47
+        assert 0.2 < csf < 0.75 and 0.55 < grey, (csf, grey)
+    assert seen_low

@@ -235,7 +235,11 @@ DOMAINS: dict[str, dict] = {
                           "lesion": (0.20, 0.55), "rim": (0.30, 0.60), "skull": (0.0, 0.15),
                           "scalp": (0.30, 0.65), "fat": (0.85, 1.35), "eye": (0.08, 0.30),
                           "marrow": (0.55, 1.1)},
-               "variants": [(0.4, "T1 with contrast", {"rim": (1.0, 1.5), "scalp": (0.5, 0.9)})]},
+               "variants": [(0.4, "T1 with contrast", {"rim": (1.0, 1.5), "scalp": (0.5, 0.9)})],
+               # gate views only: the flatter T1 of averaged or inversion-recovery-free scans (the MNI152
+               # template: CSF/WM 0.47, GM/WM 0.79), which the plain ranges barely reach
+               "gate_variants": [(0.4, "T1 low contrast", {"csf": (0.28, 0.52), "grey": (0.62, 0.84),
+                                                           "white": (0.86, 1.0)})]},
     "mri-t2": {"modality": "mri", "order": ("white", "grey", "csf"),
                "ranges": {"csf": (0.85, 1.0), "grey": (0.45, 0.70), "white": (0.28, 0.50),
                           "lesion": (0.70, 1.0), "rim": (0.50, 0.80), "skull": (0.0, 0.12),
@@ -260,14 +264,14 @@ BENCH_TRAIN_DOMAINS = ("mri-t1", "mri-t2", "ct")  # `uharmony bench generalize` 
 BENCH_UNSEEN_DOMAIN = "mri-flair"  # ... and tests on this one, never trained on
 
 
-def _means(rng, domain: str) -> tuple[np.ndarray, str]:
+def _means(rng, domain: str, for_gate: bool = False) -> tuple[np.ndarray, str]:
     spec = DOMAINS[domain]
     ranges = dict(spec["ranges"])
     variant = "plain"
-    for p, name, changes in spec["variants"]:
+    for p, name, changes in spec["variants"] + (spec.get("gate_variants", []) if for_gate else []):
         if rng.uniform() < p:
             ranges.update(changes)
-            variant = name
+            variant = name if variant == "plain" else f"{variant}, {name}"
     mu = np.zeros(len(TISSUES))
     for i, nm in enumerate(TISSUES):
         lo, hi = ranges.get(nm, (0.0, 0.0))
@@ -277,14 +281,19 @@ def _means(rng, domain: str) -> tuple[np.ndarray, str]:
     return mu, variant
 
 
-def render(head: Head, domain: str, seed: int, *, spacing: float = SPACING_MM) -> tuple[np.ndarray, dict]:
-    """Float32 image of a head in a domain, and what was drawn (for the card/provenance)."""
+def render(head: Head, domain: str, seed: int, *, spacing: float = SPACING_MM,
+           for_gate: bool = False) -> tuple[np.ndarray, dict]:
+    """Float32 image of a head in a domain, and what was drawn (for the card/provenance).
+
+    ``for_gate`` adds the domain's ``gate_variants``: contrasts the gate must route to the domain although
+    the segmentation stages never saw them (drawn after the plain variants, so a head rendered without it
+    is unchanged)."""
     from scipy import ndimage as ndi
 
     rng = _rng(seed, "render:" + domain)
     spec = DOMAINS[domain]
     mri = spec["modality"] == "mri"
-    mu, variant = _means(rng, domain)
+    mu, variant = _means(rng, domain, for_gate)
     t = head.tissue
     shape = t.shape
     if mri and rng.uniform() < 0.15:  # skull-stripped input (as the MNI template is)
@@ -340,7 +349,7 @@ def case_seed(domain: str, index: int, base: int) -> int:
 
 
 def write_dataset(out: Path, domain: str, *, n_train: int, n_val: int, base_seed: int = 0,
-                  spacing: float = SPACING_MM, atlas=None, progress=None) -> Path:
+                  spacing: float = SPACING_MM, atlas=None, progress=None, for_gate: bool = False) -> Path:
     """Render `n_train + n_val` heads of one domain into `out/<domain>/`; return its dataset.json."""
     atlas = atlas if atlas is not None else build_atlas()
     root = Path(out) / domain
@@ -353,7 +362,7 @@ def write_dataset(out: Path, domain: str, *, n_train: int, n_val: int, base_seed
         img_p, lab_p = root / "images" / name, root / "labels" / name
         if not (img_p.is_file() and lab_p.is_file()):
             head = make_head(seed, atlas=atlas, spacing=spacing)
-            image, info = render(head, domain, seed, spacing=spacing)
+            image, info = render(head, domain, seed, spacing=spacing, for_gate=for_gate)
             _save(labels_from_tissue(head.tissue), head.affine, lab_p)
             _save(image, head.affine, img_p)  # image last: its presence marks a complete case
             variants[name] = info["variant"]
@@ -386,6 +395,7 @@ def main(argv=None) -> int:
     ap.add_argument("--val", type=int, default=4, help="validation cases per domain")
     ap.add_argument("--seed", type=int, default=0, help="base seed")
     ap.add_argument("--spacing", type=float, default=SPACING_MM)
+    ap.add_argument("--for-gate", action="store_true", help="add the gate-only variants (views for refit-gate)")
     args = ap.parse_args(argv)
     from tqdm import tqdm
 
@@ -397,7 +407,8 @@ def main(argv=None) -> int:
     for d in args.domains:
         bar = tqdm(total=args.train + args.val, desc=d, file=sys.stderr)
         p = write_dataset(Path(args.out), d, n_train=args.train, n_val=args.val, base_seed=args.seed,
-                          spacing=args.spacing, atlas=atlas, progress=lambda *_, b=bar: b.update(1))
+                          spacing=args.spacing, atlas=atlas, progress=lambda *_, b=bar: b.update(1),
+                          for_gate=args.for_gate)
         bar.close()
         print(p)
     return 0

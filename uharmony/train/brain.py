@@ -1,19 +1,24 @@
 """The default brain model, reproducibly: data, training, real-image evaluation, card.
 
-    make brain-model          # = the three steps below (about 4 h on 2 CPU cores)
+    make brain-model          # = the three steps below (about 4.5 h on 2 CPU cores)
     python -m uharmony.train.brain data --out work/heads
     python -m uharmony.train.brain train --data work/heads --out work/brain
     python -m uharmony.train.brain finish --model work/brain [--install]
 
-`data` renders 36 training + 4 validation heads per domain (uharmony.data.heads, base seed 0), and
-80 + 20 more per domain for the gate only (base seed 50000, in `gate/`). `train` runs nine stages:
+`data` renders 36 training + 4 validation heads per domain (uharmony.data.heads, base seed 0),
+80 + 20 more per domain for the gate only (base seed 50000, in `gate/`), and the same gate heads of
+the domains that have gate-only variants again with them (`--for-gate`, in `gate2/`: T1 only, with
+flatter T1 contrasts such as the MNI template's). `train` runs ten stages:
 1. `uharmony train` on the four datalists with `configs/brain.toml` (-> OUT.stage1);
 2. `uharmony adapt` of stage 1 on the same datalists with `configs/brain-continue.toml`
    (class-balanced patch centres: the lesion class centred as often as the others; -> OUT.stage2);
 3. `uharmony refit-gate` of stage 2 on all the heads (-> OUT.stage3): the gate alone, on 4x more views;
 4-9. `uharmony adapt` on the same datalists with `configs/brain-lesion-{a,...,f}.toml` (-> OUT.stage4
    ... OUT.stage8, OUT): GIN off and the gate frozen; the network was still under-trained after
-   stage 2 and had not learnt the lesion class.
+   stage 2 and had not learnt the lesion class;
+10. `uharmony refit-gate` of stage 9 on the heads with `gate2/` for T1 (-> OUT): the gate
+   alone again, so that it routes the flatter T1 contrasts the network already segments (release 1.6
+   sent the skull-stripped MNI template to FLAIR).
 `finish` runs `uharmony bench real` (held-out MNI152 2009a and ITK KmeansTest), writes the pictures
 to docs/images, and completes the card: sources and licences, intended use, limits, what had no
 real evaluation. `--install` copies the package into uharmony/models/brain (the bundled default).
@@ -33,11 +38,13 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "brain.toml"
 CONTINUE_CONFIG = REPO / "configs" / "brain-continue.toml"
 LESION_CONFIGS = tuple(REPO / "configs" / f"brain-lesion-{x}.toml" for x in "abcdef")  # stages 4-9
-LAST_STAGE = 3 + len(LESION_CONFIGS)
+LAST_ADAPT_STAGE = 3 + len(LESION_CONFIGS)  # the last stage that trains the segmentation network
+LAST_STAGE = LAST_ADAPT_STAGE + 1  # then the gate refit on the gate-only variants
 DOMAINS = ("mri-t1", "mri-t2", "mri-flair", "ct")
 TRAIN_CASES, VAL_CASES, BASE_SEED = 36, 4, 0
 GATE_TRAIN_CASES, GATE_VAL_CASES, GATE_SEED = 80, 20, 50000  # views for the gate refit only
 GATE_STEPS, GATE_BATCH = 1500, 16
+GATE_VARIANT_DOMAINS = tuple(d for d in DOMAINS if heads.DOMAINS[d].get("gate_variants"))  # mri-t1
 # 27 instead of 64 windows on a 200^3 1 mm head: the under-a-minute CPU budget (docs/benchmarks.md)
 OVERLAP = 0.25
 
@@ -55,7 +62,9 @@ LIMITATIONS = [
     ("CSF was derived (intracranial volume minus grey and white matter), so its boundary with dura and bone "
      "is approximate."),
     "Works at 2 mm: thin cortex is partial-volumed; volumes are estimates.",
-    "Inputs unlike every training domain are flagged as unfamiliar; their results are unreliable.",
+    ("Inputs unlike every training domain are flagged as unfamiliar; their results are unreliable. The gate and "
+     "the flag depend on the scan's field of view: the real ITK example subject is routed right but flagged, "
+     "and the MNI152 template is routed to T1 only narrowly (p 0.56); pass the domain when you know it."),
 ]
 
 
@@ -64,16 +73,20 @@ def cmd_data(out: str) -> int:
 
     code = heads_main(["--out", out, "--domains", *DOMAINS, "--train", str(TRAIN_CASES), "--val", str(VAL_CASES),
                        "--seed", str(BASE_SEED)])
-    return code or heads_main(["--out", str(Path(out) / "gate"), "--domains", *DOMAINS, "--train",
-                               str(GATE_TRAIN_CASES), "--val", str(GATE_VAL_CASES), "--seed", str(GATE_SEED)])
+    gate = ["--train", str(GATE_TRAIN_CASES), "--val", str(GATE_VAL_CASES), "--seed", str(GATE_SEED)]
+    code = code or heads_main(["--out", str(Path(out) / "gate"), "--domains", *DOMAINS, *gate])
+    return code or heads_main(["--out", str(Path(out) / "gate2"), "--domains", *GATE_VARIANT_DOMAINS, *gate,
+                               "--for-gate"])
 
 
 def cmd_train(data: str, out: str, resume: bool) -> int:
-    """Stages 1-9 (see the module docstring); a finished stage's package is kept and not redone."""
+    """Stages 1-10 (see the module docstring); a finished stage's package is kept and not redone."""
     from uharmony.cli import main as cli_main
 
     lists = [str(Path(data) / d / "dataset.json") for d in DOMAINS]
     gate_lists = lists + [str(Path(data) / "gate" / d / "dataset.json") for d in DOMAINS]
+    gate2_lists = lists + [str(Path(data) / ("gate2" if d in GATE_VARIANT_DOMAINS else "gate") / d / "dataset.json")
+                           for d in DOMAINS]
     folders = [f"{out}.stage{n}" for n in range(1, LAST_STAGE)] + [out]  # stage n writes folders[n - 1]
     again = ["--resume"] if resume else []
     steps = [
@@ -83,6 +96,8 @@ def cmd_train(data: str, out: str, resume: bool) -> int:
          "--batch-size", str(GATE_BATCH)],
         *(["adapt", "--model", folders[n - 2], "--data", *lists, "--config", _shown(c), *again]
           for n, c in enumerate(LESION_CONFIGS, start=4)),
+        ["refit-gate", "--model", folders[LAST_ADAPT_STAGE - 1], "--data", *gate2_lists, "--steps", str(GATE_STEPS),
+         "--batch-size", str(GATE_BATCH)],
     ]
     for folder, argv in zip(folders, steps, strict=True):
         if (Path(folder) / "card.json").is_file():
@@ -130,7 +145,7 @@ def synthetic_evaluation(model_dir: str, data: str) -> dict:
 def finish_card(card: dict, real: dict, synthetic: dict | None = None) -> dict:
     card = dict(card)
     card["name"] = "brain"
-    card["version"] = "1.6.0"
+    card["version"] = "1.7.0"
     card["description"] = ("Default UHarmony brain model: one U-Harmony network with four domains (MRI T1-like, "
                            "T2/PD-like, FLAIR-like, CT), trained on atlas-based synthetic heads (GIN in stages 1-2).")
     card["intended_use"] = INTENDED_USE
@@ -147,6 +162,10 @@ def finish_card(card: dict, real: dict, synthetic: dict | None = None) -> dict:
          "gate_base_seed": GATE_SEED},
         *({"stage": n, "what": "uharmony adapt on the same datalists (GIN off, gate frozen)",
            "config": str(c.relative_to(REPO))} for n, c in enumerate(LESION_CONFIGS, start=4)),
+        {"stage": LAST_STAGE, "what": "uharmony refit-gate, the T1 gate heads rendered with the gate-only "
+         "variants (uharmony.data.heads --for-gate)", "steps": GATE_STEPS, "batch_size": GATE_BATCH,
+         "gate_cases_per_domain": {"training": GATE_TRAIN_CASES, "validation": GATE_VAL_CASES},
+         "gate_base_seed": GATE_SEED, "gate_only_variants": list(GATE_VARIANT_DOMAINS)},
     ]
     training["generator"] = {"module": "uharmony.data.heads", "atlas_version": heads.ATLAS_VERSION,
                              "cases_per_domain": {"training": TRAIN_CASES, "validation": VAL_CASES},
@@ -167,7 +186,7 @@ def finish_card(card: dict, real: dict, synthetic: dict | None = None) -> dict:
             "training.stages / gate.refit (accuracy_after, 20 + 4 heads per domain)")
         if "before" in old:  # the last stage's before/after, at the stage's overlap
             record = {k: old[k] for k in ("before", "after", "table") if k in old}
-            evaluation["last_stage_adaptation"] = {"stage": LAST_STAGE, **record}
+            evaluation["last_stage_adaptation"] = {"stage": LAST_ADAPT_STAGE, **record}
         elif "last_stage_adaptation" in old:  # finish run again on a finished package
             evaluation["last_stage_adaptation"] = old["last_stage_adaptation"]
     else:
