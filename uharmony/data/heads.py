@@ -236,8 +236,8 @@ DOMAINS: dict[str, dict] = {
                           "scalp": (0.30, 0.65), "fat": (0.85, 1.35), "eye": (0.08, 0.30),
                           "marrow": (0.55, 1.1)},
                "variants": [(0.4, "T1 with contrast", {"rim": (1.0, 1.5), "scalp": (0.5, 0.9)})],
-               # gate views only: the flatter T1 of averaged or inversion-recovery-free scans (the MNI152
-               # template: CSF/WM 0.47, GM/WM 0.79), which the plain ranges barely reach
+               # gate views only: a flatter T1 such as the averaged MNI152 template's (CSF/WM 0.47,
+               # GM/WM 0.79), which the plain ranges barely reach
                "gate_variants": [(0.4, "T1 low contrast", {"csf": (0.28, 0.52), "grey": (0.62, 0.84),
                                                            "white": (0.86, 1.0)})]},
     "mri-t2": {"modality": "mri", "order": ("white", "grey", "csf"),

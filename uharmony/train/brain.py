@@ -14,7 +14,7 @@ flatter T1 contrasts such as the MNI template's). `train` runs ten stages:
    (class-balanced patch centres: the lesion class centred as often as the others; -> OUT.stage2);
 3. `uharmony refit-gate` of stage 2 on all the heads (-> OUT.stage3): the gate alone, on 4x more views;
 4-9. `uharmony adapt` on the same datalists with `configs/brain-lesion-{a,...,f}.toml` (-> OUT.stage4
-   ... OUT.stage8, OUT): GIN off and the gate frozen; the network was still under-trained after
+   ... OUT.stage9): GIN off and the gate frozen; the network was still under-trained after
    stage 2 and had not learnt the lesion class;
 10. `uharmony refit-gate` of stage 9 on the heads with `gate2/` for T1 (-> OUT): the gate
    alone again, so that it routes the flatter T1 contrasts the network already segments (release 1.6
