@@ -84,20 +84,22 @@ def cmd_train(data: str, out: str, resume: bool) -> int:
     from uharmony.cli import main as cli_main
 
     lists = [str(Path(data) / d / "dataset.json") for d in DOMAINS]
-    gate_lists = lists + [str(Path(data) / "gate" / d / "dataset.json") for d in DOMAINS]
-    gate2_lists = lists + [str(Path(data) / ("gate2" if d in GATE_VARIANT_DOMAINS else "gate") / d / "dataset.json")
-                           for d in DOMAINS]
+
+    def refit_gate(model: str, variants: tuple[str, ...] = ()) -> list[str]:
+        """The gate refit on all heads; the domains in ``variants`` take their gate heads from gate2/."""
+        gate = [str(Path(data) / ("gate2" if d in variants else "gate") / d / "dataset.json") for d in DOMAINS]
+        return ["refit-gate", "--model", model, "--data", *lists, *gate, "--steps", str(GATE_STEPS),
+                "--batch-size", str(GATE_BATCH)]
+
     folders = [f"{out}.stage{n}" for n in range(1, LAST_STAGE)] + [out]  # stage n writes folders[n - 1]
     again = ["--resume"] if resume else []
     steps = [
         ["train", "--data", *lists, "--config", _shown(CONFIG), *again],
         ["adapt", "--model", folders[0], "--data", *lists, "--config", _shown(CONTINUE_CONFIG), *again],
-        ["refit-gate", "--model", folders[1], "--data", *gate_lists, "--steps", str(GATE_STEPS),
-         "--batch-size", str(GATE_BATCH)],
+        refit_gate(folders[1]),
         *(["adapt", "--model", folders[n - 2], "--data", *lists, "--config", _shown(c), *again]
           for n, c in enumerate(LESION_CONFIGS, start=4)),
-        ["refit-gate", "--model", folders[LAST_ADAPT_STAGE - 1], "--data", *gate2_lists, "--steps", str(GATE_STEPS),
-         "--batch-size", str(GATE_BATCH)],
+        refit_gate(folders[LAST_ADAPT_STAGE - 1], GATE_VARIANT_DOMAINS),
     ]
     for folder, argv in zip(folders, steps, strict=True):
         if (Path(folder) / "card.json").is_file():
@@ -153,19 +155,17 @@ def finish_card(card: dict, real: dict, synthetic: dict | None = None) -> dict:
     card["input"]["overlap"] = OVERLAP
     training = dict(card["training"])
     training["command"] = "make brain-model (python -m uharmony.train.brain data/train/finish)"
+    refit = {"steps": GATE_STEPS, "batch_size": GATE_BATCH, "gate_base_seed": GATE_SEED,
+             "gate_cases_per_domain": {"training": GATE_TRAIN_CASES, "validation": GATE_VAL_CASES}}
     training["stages"] = [
         {"stage": 1, "what": "uharmony train", "config": "configs/brain.toml"},
         {"stage": 2, "what": "uharmony adapt on the same datalists (lesion-balanced continuation)",
          "config": "configs/brain-continue.toml"},
-        {"stage": 3, "what": "uharmony refit-gate", "steps": GATE_STEPS, "batch_size": GATE_BATCH,
-         "gate_cases_per_domain": {"training": GATE_TRAIN_CASES, "validation": GATE_VAL_CASES},
-         "gate_base_seed": GATE_SEED},
+        {"stage": 3, "what": "uharmony refit-gate", **refit},
         *({"stage": n, "what": "uharmony adapt on the same datalists (GIN off, gate frozen)",
            "config": str(c.relative_to(REPO))} for n, c in enumerate(LESION_CONFIGS, start=4)),
         {"stage": LAST_STAGE, "what": "uharmony refit-gate, the T1 gate heads rendered with the gate-only "
-         "variants (uharmony.data.heads --for-gate)", "steps": GATE_STEPS, "batch_size": GATE_BATCH,
-         "gate_cases_per_domain": {"training": GATE_TRAIN_CASES, "validation": GATE_VAL_CASES},
-         "gate_base_seed": GATE_SEED, "gate_only_variants": list(GATE_VARIANT_DOMAINS)},
+         "variants (uharmony.data.heads --for-gate)", **refit, "gate_only_variants": list(GATE_VARIANT_DOMAINS)},
     ]
     training["generator"] = {"module": "uharmony.data.heads", "atlas_version": heads.ATLAS_VERSION,
                              "cases_per_domain": {"training": TRAIN_CASES, "validation": VAL_CASES},
