@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="views per step, domains balanced (default 16)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
     p.add_argument("--no-augment", action="store_true", help="train on the fixed views (no flips, moves, jitter)")
+    p.add_argument("--framing", type=float, default=0.0, metavar="FRACTION",
+                   help="also reframe each full image before its view: every side cropped or padded by up to this "
+                        "fraction (e.g. 0.15), so the gate copes with tight and loose fields of view (default 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"))
@@ -305,8 +308,8 @@ def _train(args, reporter: Reporter) -> int:
         from uharmony.train.gate import run_refit_gate
 
         written = [run_refit_gate(args.model, args.data, args.out, steps=args.steps, batch_size=args.batch_size,
-                                  lr=args.lr, augment=not args.no_augment, seed=args.seed, overwrite=args.overwrite,
-                                  device=args.device, reporter=reporter, argv=argv)]
+                                  lr=args.lr, augment=not args.no_augment, framing=args.framing, seed=args.seed,
+                                  overwrite=args.overwrite, device=args.device, reporter=reporter, argv=argv)]
     else:
         from uharmony.train.adapt import run_adapt
 

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+from uharmony.augment.views import FOV_VIEWS
 from uharmony.model.card import load_card
 from uharmony.model.registry import bundled_model_dir
 from uharmony.train import brain
@@ -32,6 +33,10 @@ def test_the_bundled_card_records_every_stage_of_the_repository_recipe():
     refit = card["gate"]["refit"]
     assert refit["steps"] == brain.GATE_STEPS and refit["batch_size"] == brain.GATE_BATCH
     assert stages[-1]["what"].startswith("uharmony refit-gate") and stages[-1]["gate_only_variants"] == ["mri-t1"]
+    # ... on reframed scans, and segment asks the gate about several fields of view
+    assert refit["framing"] == stages[-1]["framing"] == brain.GATE_FRAMING > 0
+    assert f"--framing {brain.GATE_FRAMING}" in refit["command"]
+    assert card["gate"]["fov_views"] == list(FOV_VIEWS) and "framing" in card["gate"]["calibration"]
     lists = refit["datalists"][len(brain.DOMAINS):]
     assert lists == [f"work/heads/{'gate2' if d == 'mri-t1' else 'gate'}/{d}/dataset.json" for d in brain.DOMAINS]
     per_domain = brain.GATE_VAL_CASES + brain.VAL_CASES
@@ -98,6 +103,7 @@ def test_brain_train_chains_the_ten_stages(monkeypatch, tmp_path):
     heads = tmp_path / "heads"
     assert first[4:] == [str(heads / "gate" / d / "dataset.json") for d in brain.DOMAINS]
     assert last[4:] == [str(heads / ("gate2" if d == "mri-t1" else "gate") / d / "dataset.json") for d in brain.DOMAINS]
+    assert "--framing" not in calls[1] and arg(calls[-1], "--framing") == str(brain.GATE_FRAMING)
     assert first[:4] == last[:4] == [str(heads / d / "dataset.json") for d in brain.DOMAINS]
 
 

@@ -88,6 +88,7 @@ def test_architecture_mismatch_names_the_tensor(pkg):
     (lambda c: c["classes"].append({"value": 9, "name": "extra"}), "class values"),
     (lambda c: c["domains"].pop(), "architecture.domains"),
     (lambda c: c.update(surprise=1), "Additional properties"),
+    (lambda c: c["gate"].update(fov_views=[1.0, 0.0]), "card field gate/fov_views/1"),
 ])
 def test_card_problems_are_named(pkg, edit, message):
     card = json.loads((pkg / "card.json").read_text())

@@ -19,6 +19,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from uharmony import __version__
+from uharmony.augment.views import fov_view
 from uharmony.data.io import Volume, atomic_output, check_output_path, read_header, read_volume, resample_onto
 from uharmony.data.preprocess import from_model_grid, normalize_intensity, plan_grid, to_model_grid
 from uharmony.device import autocast, available_memory_bytes, choose_device, is_out_of_memory
@@ -205,9 +206,15 @@ class Segmenter:
     def run_gate(self, x: torch.Tensor, domain: str = "auto") -> GateResult:
         names = self.model.domains
         gate = self.model.gate
-        logits, feats = gate(gate.downsample(x[None]))
-        probs = torch.softmax(logits.float(), dim=1)[0].tolist()
-        score = float(gate.unfamiliar_score(feats)[0])
+        scales = [float(s) for s in self.card["gate"].get("fov_views") or [1.0]]
+        if 1.0 not in scales:
+            scales.append(1.0)
+        # several fields of view when the card asks for them (a gate refit with --framing): probabilities
+        # averaged over them; the unfamiliar score stays that of the scan as it is
+        small = torch.cat([gate.downsample(fov_view(x, s)[None]) for s in scales])
+        logits, feats = gate(small)
+        probs = torch.softmax(logits.float(), dim=1).mean(0).tolist()
+        score = float(gate.unfamiliar_score(feats[scales.index(1.0)][None])[0])
         threshold = float(self.card["gate"]["unfamiliar_threshold"])
         if domain == "auto":
             chosen, mode = names[int(np.argmax(probs))], "auto"

@@ -74,6 +74,9 @@ CARD_SCHEMA = {
             "unfamiliar_threshold": {"type": "number", "exclusiveMinimum": 0},
             "routing": {"enum": ["argmax", "soft"]},
             "calibration": {"type": "object"},
+            # fields of view (x the scan's) the gate is asked about at inference, its answers averaged
+            "fov_views": {"type": "array", "minItems": 1, "items": {"type": "number", "exclusiveMinimum": 0.2,
+                                                                   "maximum": 3}},
         }},
         "intended_use": {"type": "string"},
         "limitations": {"type": "array", "items": {"type": "string"}},
@@ -147,7 +150,9 @@ def card_summary(card: dict) -> str:
         "  domains:",
         *(f"    - {d['name']} ({d['modality']})" + (f": {d['description']}" if d.get("description") else "")
           for d in card["domains"]),
-        f"  gate:      routing {card['gate']['routing']}, unfamiliar above {card['gate']['unfamiliar_threshold']:.3g}",
+        f"  gate:      routing {card['gate']['routing']}, unfamiliar above {card['gate']['unfamiliar_threshold']:.3g}"
+        + (f", averaged over fields of view x{'/'.join(f'{v:g}' for v in card['gate']['fov_views'])}"
+           if card["gate"].get("fov_views") else ""),
         "  classes:",
         *(f"    {c['value']:>3}  {c['name']}" for c in sorted(card["classes"], key=lambda c: c["value"])),
         f"  intended use: {card['intended_use']}",

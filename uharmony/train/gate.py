@@ -27,12 +27,19 @@ from uharmony.progress import Reporter
 
 
 def gate_loss(model, items, sampler, route: dict[str, int], rng: np.random.Generator, *, batch_size: int,
-              augment: bool, device) -> torch.Tensor:
-    """Cross-entropy of the gate on a fresh balanced batch of whole-image views (drawn from ``rng``)."""
-    from uharmony.augment.views import jitter_views
+              augment: bool, device, framing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the gate on a fresh balanced batch of whole-image views (drawn from ``rng``).
+
+    ``framing`` > 0 (with ``augment``): each view is made anew from its full image, reframed by up to
+    that fraction per side (`uharmony.augment.views.reframe`), instead of the case's fixed view.
+    """
+    from uharmony.augment.views import framed_views, jitter_views
 
     ids = [sampler.draw(rng) for _ in range(batch_size)]
-    small = torch.stack([items[i].small for i in ids]).to(device)
+    if augment and framing > 0:
+        small = framed_views([items[i].image for i in ids], rng, framing, model.gate.downsample).to(device)
+    else:
+        small = torch.stack([items[i].small for i in ids]).to(device)
     if augment:
         small = jitter_views(small, rng)
     target = torch.tensor([route[items[i].domain] for i in ids], device=device)
@@ -57,11 +64,12 @@ def accuracy(counts: dict[str, dict[str, int]]) -> dict[str, float]:
 
 
 def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: int = 1500, batch_size: int = 16,
-                   lr: float = 1e-3, augment: bool = True, seed: int = 0, overwrite: bool = False,
+                   lr: float = 1e-3, augment: bool = True, framing: float = 0.0, seed: int = 0, overwrite: bool = False,
                    device: str | None = None, reporter: Reporter | None = None, argv=None) -> tuple[Path, dict]:
     """The whole of `uharmony refit-gate`; returns (package folder, card)."""
     import copy
 
+    from uharmony.augment.views import FOV_VIEWS
     from uharmony.data.datalist import check_against_model
     from uharmony.device import choose_device
     from uharmony.model.package import load_model, save_package
@@ -82,8 +90,9 @@ def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: i
     if problems:
         raise BadDatalistError("\n".join([f"{len(problems)} problem(s)", *problems]))
     check_against_model(datasets, card)  # channels, as `uharmony adapt` checks them (exit 5)
-    if steps < 1 or batch_size < 1 or not lr > 0:
-        raise UHarmonyError("--steps and --batch-size must be >= 1 and --lr > 0", code=ExitCode.USAGE)
+    if steps < 1 or batch_size < 1 or not lr > 0 or not 0 <= framing < 0.5:
+        raise UHarmonyError("--steps and --batch-size must be >= 1, --lr > 0 and --framing in [0, 0.5)",
+                            code=ExitCode.USAGE)
 
     dev = choose_device(device or "auto")
     spacing = card["input"]["spacing_mm"]
@@ -118,7 +127,8 @@ def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: i
         rng = np.random.default_rng([seed, step])
         for g in optimizer.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
-        loss = gate_loss(model, train_items, sampler, route, rng, batch_size=batch_size, augment=augment, device=dev)
+        loss = gate_loss(model, train_items, sampler, route, rng, batch_size=batch_size, augment=augment, device=dev,
+                         framing=framing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,7 +136,8 @@ def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: i
         reporter.progress("gate", step, steps)
     seconds = time.time() - t0
     after = confusion(model, judge, dev)
-    threshold, calibration = calibrate_gate(model, train_items, held or train_items, route, dev)
+    threshold, calibration = calibrate_gate(model, train_items, held or train_items, route, dev, framing=framing,
+                                           seed=seed)
     calibration["held_split"] = "validation" if held else "training (no validation split)"
     moved = [k for k, v in model.state_dict().items() if not k.startswith("gate.") and not torch.equal(v, frozen[k])]
     if moved:  # only the gate may change; a bug if anything else did
@@ -143,10 +154,14 @@ def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: i
     card = copy.deepcopy(card)
     card["gate"]["unfamiliar_threshold"] = round(threshold, 6)
     card["gate"]["calibration"] = calibration
+    if framing > 0:  # a gate trained on reframed scans is asked about several fields of view (uharmony segment)
+        card["gate"]["fov_views"] = list(FOV_VIEWS)
+    else:
+        card["gate"].pop("fov_views", None)
     card["gate"]["refit"] = {
         "command": "uharmony " + " ".join(argv if argv is not None else sys.argv[1:]),
         "datalists": [str(ds.path) for ds in datasets], "training_views": len(train_items), "split": split,
-        "steps": steps, "batch_size": batch_size, "lr": lr, "augment": augment, "seed": seed,
+        "steps": steps, "batch_size": batch_size, "lr": lr, "augment": augment, "framing": framing, "seed": seed,
         "seconds": round(seconds, 1), "accuracy_before": acc_before, "accuracy_after": acc_after,
         "confusion_after": after}
     if isinstance(card.get("evaluation"), dict):

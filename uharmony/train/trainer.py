@@ -300,17 +300,44 @@ def class_table(union: list[str]) -> list[dict]:
 
 
 def calibrate_gate(model: UHarmonyNet, fit_items: list[Prepared], held_items: list[Prepared], route: dict[str, int],
-                   device) -> tuple[float, dict]:
-    """Fit each domain's Gaussian on un-augmented training cases; threshold = 1.25 x the largest held score."""
+                   device, *, framing: float = 0.0, framed_per_case: int = 4, seed: int = 0) -> tuple[float, dict]:
+    """Fit each domain's Gaussian on un-augmented training cases; threshold = 1.25 x the largest held score.
+
+    ``framing`` > 0: each case also contributes ``framed_per_case`` reframed views (`reframe`, drawn from
+    ``seed``), to the fit and to the held scores, so a familiar scan framed more tightly or loosely
+    than the training cases is still familiar; the threshold is then 1.25 x the held scores' 99th
+    percentile, since the few most extreme random framings (a side cut deep into the head) would
+    otherwise set it high enough to pass a binary mask or a label map as a familiar scan.
+    """
+    from uharmony.augment.views import framed_views
+
+    def views(items: list[Prepared], rng: np.random.Generator) -> list[torch.Tensor]:
+        out = []
+        for it in items:
+            out.append(it.small[None])
+            if framing > 0:
+                out.append(framed_views([it.image] * framed_per_case, rng, framing, model.gate.downsample))
+        return out
+
+    def counts(items: list[Prepared]) -> list[int]:
+        return [route[it.domain] for it in items for _ in range(1 + (framed_per_case if framing > 0 else 0))]
+
     model.eval()
     with torch.no_grad():
-        feats = torch.cat([model.gate(i.small[None].to(device))[1] for i in fit_items])
-        model.gate.fit_calibration(feats, torch.tensor([route[i.domain] for i in fit_items], device=device))
-        scores = [float(model.gate.unfamiliar_score(model.gate(i.small[None].to(device))[1])[0]) for i in held_items]
-    threshold = max(1.25 * max(scores), 1e-6) if scores else 1e6
-    return threshold, {"score": "min over domains of the mean squared z-distance of gate style features",
-                       "threshold_rule": "1.25 x the largest score of the held cases",
-                       "fit_cases": len(fit_items), "held_cases": len(held_items)}
+        fit_views = views(fit_items, np.random.default_rng([seed, 1]))
+        feats = torch.cat([model.gate(v.to(device))[1] for v in fit_views])
+        model.gate.fit_calibration(feats, torch.tensor(counts(fit_items), device=device))
+        scores = [float(s) for v in views(held_items, np.random.default_rng([seed, 2]))
+                  for s in model.gate.unfamiliar_score(model.gate(v.to(device))[1])]
+    top = float(np.percentile(scores, 99)) if framing > 0 and scores else max(scores, default=0.0)
+    threshold = max(1.25 * top, 1e-6) if scores else 1e6
+    info = {"score": "min over domains of the mean squared z-distance of gate style features",
+            "threshold_rule": "1.25 x the 99th percentile of the held views' scores (plain and reframed)"
+                              if framing > 0 else "1.25 x the largest score of the held cases",
+            "fit_cases": len(fit_items), "held_cases": len(held_items)}
+    if framing > 0:
+        info["framing"] = {"max_fraction_per_side": framing, "reframed_views_per_case": framed_per_case, "seed": seed}
+    return threshold, info
 
 
 def hardware(device: torch.device) -> str:
