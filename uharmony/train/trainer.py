@@ -319,14 +319,14 @@ def calibrate_gate(model: UHarmonyNet, fit_items: list[Prepared], held_items: li
                 out.append(framed_views([it.image] * framed_per_case, rng, framing, model.gate.downsample))
         return out
 
-    def counts(items: list[Prepared]) -> list[int]:
+    def view_domains(items: list[Prepared]) -> list[int]:  # the domain index of each view of `views`
         return [route[it.domain] for it in items for _ in range(1 + (framed_per_case if framing > 0 else 0))]
 
     model.eval()
     with torch.no_grad():
         fit_views = views(fit_items, np.random.default_rng([seed, 1]))
         feats = torch.cat([model.gate(v.to(device))[1] for v in fit_views])
-        model.gate.fit_calibration(feats, torch.tensor(counts(fit_items), device=device))
+        model.gate.fit_calibration(feats, torch.tensor(view_domains(fit_items), device=device))
         scores = [float(s) for v in views(held_items, np.random.default_rng([seed, 2]))
                   for s in model.gate.unfamiliar_score(model.gate(v.to(device))[1])]
     top = float(np.percentile(scores, 99)) if framing > 0 and scores else max(scores, default=0.0)
