@@ -282,6 +282,32 @@ def test_bad_datalists_are_refused_before_training_with_every_problem(data, tmp_
     assert "train" not in p.stdout
 
 
+def test_gate_framing_in_the_config_reaches_the_gate_and_the_card(data, tmp_path):
+    from uharmony.augment.views import FOV_VIEWS
+
+    config = tmp_path / "framed.toml"
+    config.write_text(TINY.replace(f"steps = {STEPS}", "steps = 6").replace("val_every = 15", "val_every = 6")
+                      + "framing = 0.2\n")  # the last table is [gate]
+    out = tmp_path / "framed"
+    p = run("train", "--data", data["a"], data["b"], "--out", out, "--config", config, "--progress", "none")
+    assert p.returncode == 0, p.stderr
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["config"]["gate"]["framing"] == 0.2
+    assert card["gate"]["fov_views"] == list(FOV_VIEWS)
+    assert card["gate"]["calibration"]["framing"]["max_fraction_per_side"] == 0.2
+    assert "99th percentile" in card["gate"]["calibration"]["threshold_rule"]
+    # the trained package segments with its five views
+    case = data["a"].parent / "imagesTr" / "set-a_71004.nii.gz"
+    seg = run("segment", case, "-o", tmp_path / "s.nii.gz", "--model", out, "--report", tmp_path / "r.json",
+              "--progress", "none")
+    assert seg.returncode == 0, seg.stderr
+    assert set(json.loads((tmp_path / "r.json").read_text())["domain"]["probabilities"]) == {"synth-t1", "synth-t2"}
+    config.write_text(TINY + "framing = 0.7\n")
+    p = run("train", "--data", data["a"], "--out", tmp_path / "x", "--config", config)
+    assert p.returncode == ExitCode.USAGE and "'gate.framing'" in last_error(p) and "[0, 0.5)" in last_error(p)
+    assert not (tmp_path / "x").exists()
+
+
 def test_config_table_in_docs_matches_the_code():
     for name in ("docs/training.md", "README.md"):  # README documents every key (DESIGN.md, "Configs")
         doc = (REPO / name).read_text(encoding="utf-8")

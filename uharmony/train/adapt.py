@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from uharmony import __version__
+from uharmony.augment.views import FOV_VIEWS
 from uharmony.data.datalist import check_against_model, union_label_space
 from uharmony.errors import ExitCode, UHarmonyError
 from uharmony.model.card import class_names
@@ -183,7 +184,7 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
 
     # Familiarity: refit the Gaussians of the domains that have data here; keep the others' (base) ones.
     held = [i for v in eval_items.values() for i in v]
-    threshold, calibration = calibrate_gate(model, items, held, route, dev)
+    threshold, calibration = calibrate_gate(model, items, held, route, dev, framing=cfg.gate.framing, seed=cfg.seed)
     base_threshold = float(base_card["gate"]["unfamiliar_threshold"])
     threshold = max(threshold, base_threshold)
     stale = [d for d in model.domains if d not in data_domains]
@@ -225,6 +226,8 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
     card["classes"] = [base_entries.get(c["value"], c) for c in class_table(union)]
     card["gate"]["unfamiliar_threshold"] = round(threshold, 6)
     card["gate"]["calibration"] = calibration
+    if cfg.gate.framing > 0:  # else the base's views stay: its gate was trained for them
+        card["gate"]["fov_views"] = list(FOV_VIEWS)
     card["limitations"] = list(card.get("limitations", [])) + [
         f"Adapted on {len(new_items)} case(s) of " + ", ".join(f"{d.name} ({d.domain})" for d in new_ds)
         + (f" with {len(keep_items)} replayed case(s)" if keep_items else " without replay of the old domains")]

@@ -55,6 +55,7 @@ class GateConfig:
     weight: float = 0.5  # weight of the gate's cross-entropy in the total loss
     batch_size: int = 8  # whole-image views per step for the gate (its own balanced draw; views are cheap)
     augment: bool = True  # flip, rotate, scale, shift and lightly re-light the gate's views (never GIN)
+    framing: float = 0.0  # > 0: views of scans cropped/padded by up to this per side (as refit-gate --framing)
 
 
 @dataclass
@@ -187,6 +188,7 @@ def _validate(c: TrainConfig, where) -> None:
          "must be >= 2 positive channel counts")
     need(c.gate.weight >= 0, "gate.weight", "must be >= 0")
     need(c.gate.batch_size >= 1, "gate.batch_size", "must be >= 1")
+    need(0 <= c.gate.framing < 0.5, "gate.framing", "must be in [0, 0.5)")
 
 
 def read_config_values(path: str | Path) -> dict:

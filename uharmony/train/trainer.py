@@ -31,6 +31,7 @@ import torch
 from torch.nn import functional as F
 
 from uharmony import __version__
+from uharmony.augment.views import FOV_VIEWS, framed_views
 from uharmony.data.datalist import Dataset, union_label_space
 from uharmony.data.preprocess import DEFAULT_NORMALIZATION
 from uharmony.device import autocast, choose_device
@@ -122,7 +123,7 @@ def train_step(state: LoopState, step: int, optimizer, scaler, loss_fn: Marginal
         if state.train_gate and len(model.domains) > 1 and cfg.gate.weight > 0:
             # its own batch, drawn last so the segmentation part of a step does not depend on it
             gate = gate_loss(model, state.items, state.gate_sampler, state.route, rng, batch_size=cfg.gate.batch_size,
-                             augment=cfg.gate.augment, device=device)
+                             augment=cfg.gate.augment, device=device, framing=cfg.gate.framing)
             total = total + cfg.gate.weight * gate
             out["gate"] = float(gate.detach())
         if cfg.poly_weight_decay > 0:
@@ -309,7 +310,6 @@ def calibrate_gate(model: UHarmonyNet, fit_items: list[Prepared], held_items: li
     percentile, since the few most extreme random framings (a side cut deep into the head) would
     otherwise set it high enough to pass a binary mask or a label map as a familiar scan.
     """
-    from uharmony.augment.views import framed_views
 
     def views(items: list[Prepared], rng: np.random.Generator) -> list[torch.Tensor]:
         out = []
@@ -508,7 +508,8 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
 
     fit_items = items
     held = [i for d, v in val_items.items() for i in v if val_split[d] == "validation"] or items
-    threshold, calibration = calibrate_gate(model, fit_items, held, route, dev)
+    threshold, calibration = calibrate_gate(model, fit_items, held, route, dev, framing=cfg.gate.framing,
+                                            seed=cfg.seed)
     calibration["held_split"] = "validation" if held is not items else "training (no validation split)"
 
     domains_card = []
@@ -529,7 +530,8 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
                   "orientation": "RAS", "patch_size": list(patch), "overlap": OVERLAP, "sw_batch_size": 1},
         "domains": domains_card,
         "classes": class_table(union),
-        "gate": {"unfamiliar_threshold": round(threshold, 6), "routing": "argmax", "calibration": calibration},
+        "gate": {"unfamiliar_threshold": round(threshold, 6), "routing": "argmax", "calibration": calibration,
+                 **({"fov_views": list(FOV_VIEWS)} if cfg.gate.framing > 0 else {})},
         "intended_use": "Research. Trained by the user with `uharmony train`; validate it on your own data before "
                         "relying on it. Not a medical device.",
         "limitations": ["Only as good as its training data: " + ", ".join(f"{d.name} ({d.domain})" for d in datasets),
