@@ -19,7 +19,7 @@ flatter T1 contrasts such as the MNI template's). `train` runs ten stages:
 10. `uharmony refit-gate --framing 0.15` of stage 9 on the heads with `gate2/` for T1 (-> OUT): the
    gate alone again, so that it routes the flatter T1 contrasts the network already segments (release
    1.6 sent the skull-stripped MNI template to FLAIR), on scans reframed by up to 15 % per side (release
-   1.7 sent the ITK subject cropped by 10 % per side to FLAIR); `uharmony segment` then averages the
+   1.7 sent the ITK subject cropped by 10 % per side to T2); `uharmony segment` then averages the
    gate over five fields of view.
 `finish` runs `uharmony bench real` (held-out MNI152 2009a and ITK KmeansTest), writes the pictures
 to docs/images, and completes the card: sources and licences, intended use, limits, what had no
