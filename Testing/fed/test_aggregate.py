@@ -110,3 +110,77 @@ def test_readme_and_docs_document_every_fed_toml_key():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     assert config_table_markdown() in readme
+
+
+# -- the negative-free gate: feature statistics pooled per domain, classifier rows by LDA ----------------
+
+
+def test_pooled_statistics_equal_those_of_the_union_of_cases():
+    from uharmony.fed.aggregate import FeatureStats, pool
+
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(loc=i, size=(n, 5)) for i, n in enumerate((4, 7, 2))]
+    pooled, union = pool([FeatureStats.of(p) for p in parts]), FeatureStats.of(np.concatenate(parts))
+    assert pooled.count == union.count == 13
+    np.testing.assert_allclose(pooled.mean, union.mean, rtol=1e-12)
+    np.testing.assert_allclose(pooled.scatter, union.scatter, rtol=1e-10, atol=1e-10)
+
+
+def _three_gaussians(rng, n):
+    """Three domains with distinct means and one shared, strongly correlated covariance (8 features)."""
+    a = np.random.default_rng(42).normal(size=(8, 8))  # the same covariance for every draw
+    chol = np.linalg.cholesky(a @ a.T + 0.1 * np.eye(8))
+    means = {"ct": np.zeros(8), "mri-t1": np.r_[4.0, np.zeros(7)], "mri-t2": np.r_[0, -4.0, np.zeros(6)]}
+    return {d: m @ chol.T + rng.normal(size=(n, 8)) @ chol.T for d, m in means.items()}
+
+
+def _choose(rows, feats, domains):
+    logits = np.stack([feats @ rows[f"gate.classifier.{d}.weight"][0] + rows[f"gate.classifier.{d}.bias"][0]
+                       for d in domains], 1)
+    return logits.argmax(1)
+
+
+def test_lda_rows_from_site_statistics_route_fresh_cases_of_every_domain():
+    from uharmony.fed.aggregate import FeatureStats, fit_gate_lda, pool
+
+    rng = np.random.default_rng(0)
+    domains = ["ct", "mri-t1", "mri-t2"]
+    train = _three_gaussians(rng, 40)
+    # two sites per domain, each sending only its own statistics: no site sees another domain's cases
+    stats = {d: pool([FeatureStats.of(x[:15]), FeatureStats.of(x[15:])]) for d, x in train.items()}
+    rows, shrinkage = fit_gate_lda(stats, domains)
+    assert 0 < shrinkage < 0.5  # OAS: 120 cases for 8 features need little
+    assert set(rows) == {f"gate.classifier.{d}.{p}" for d in domains for p in ("weight", "bias")}
+    assert rows["gate.classifier.ct.weight"].shape == (1, 8) and rows["gate.classifier.ct.bias"].shape == (1,)
+    assert all(a.dtype == np.float32 for a in rows.values())
+    fresh = _three_gaussians(np.random.default_rng(1), 200)
+    for i, d in enumerate(domains):
+        assert (_choose(rows, fresh[d], domains) == i).mean() > 0.9, d
+    # the LDA posterior: a point halfway between two domain means (in the shared metric) is a tie
+    mid = 0.5 * (stats["ct"].mean + stats["mri-t1"].mean)
+    la = mid @ rows["gate.classifier.ct.weight"][0] + rows["gate.classifier.ct.bias"][0]
+    lb = mid @ rows["gate.classifier.mri-t1.weight"][0] + rows["gate.classifier.mri-t1.bias"][0]
+    assert la == pytest.approx(lb, rel=1e-4, abs=1e-3)
+
+
+def test_a_domain_no_site_described_is_never_chosen():
+    from uharmony.fed.aggregate import NEVER_CHOSEN_BIAS, FeatureStats, fit_gate_lda
+
+    rng = np.random.default_rng(0)
+    train = _three_gaussians(rng, 30)
+    rows, _ = fit_gate_lda({d: FeatureStats.of(train[d]) for d in ("ct", "mri-t1")}, ["ct", "mri-t1", "mri-t2"])
+    assert not rows["gate.classifier.mri-t2.weight"].any()
+    assert rows["gate.classifier.mri-t2.bias"][0] == NEVER_CHOSEN_BIAS
+    fresh = _three_gaussians(np.random.default_rng(1), 100)
+    assert set(_choose(rows, np.concatenate(list(fresh.values())), ["ct", "mri-t1", "mri-t2"])) <= {0, 1}
+    assert fit_gate_lda({}, ["ct"])[0] == {}
+
+
+def test_oas_shrinkage_grows_as_cases_per_feature_shrink():
+    from uharmony.fed.aggregate import oas_shrinkage
+
+    rng = np.random.default_rng(0)
+    cov = lambda n: np.cov(rng.normal(size=(n, 20)), rowvar=False)  # noqa: E731  (true covariance: I)
+    few, many = oas_shrinkage(cov(12), 11), oas_shrinkage(cov(2000), 1999)
+    assert 0.5 < few <= 1.0 and 0.0 <= many < few
+    assert oas_shrinkage(np.eye(20), 5) == 1.0  # already spherical: all the way

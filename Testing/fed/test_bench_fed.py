@@ -38,14 +38,19 @@ def bench(tmp_path_factory):
 
 
 def owned_bytes(package, domain: str) -> tuple[int, int]:
-    """(bytes of the arrays a `domain` site owns, bytes of all arrays) from the package's safetensors file."""
+    """(bytes a `domain` site sends, bytes of all arrays) from the package's safetensors file.
+
+    With the default negative-free gate a site sends none of the gate's arrays but the float64 count,
+    mean (F) and scatter (F x F) of the gate's pooled features, F = its classifier's input width.
+    """
     from safetensors.numpy import load_file
 
     arrays = load_file(str(package / "model.safetensors"))
     others = [d for d in SITES if d != domain]
-    mine = [a for k, a in arrays.items() if not k.startswith("gate.calibration.")
+    mine = [a for k, a in arrays.items() if not k.startswith("gate.")
             and not any(f".harmony.{o}." in k or k.startswith(f"heads.{o}.") for o in others)]
-    return sum(a.nbytes for a in mine), sum(a.nbytes for a in arrays.values())
+    dim = arrays[f"gate.classifier.{domain}.weight"].shape[1]
+    return sum(a.nbytes for a in mine) + 8 * (1 + dim + dim * dim), sum(a.nbytes for a in arrays.values())
 
 
 def test_report_table_and_targets(bench):

@@ -97,6 +97,26 @@ def test_update_scaled_x100_in_round_2_is_rejected(federation):
     assert second["aggregated"] is True
 
 
+def test_negative_free_gate_is_fitted_from_the_accepted_sites_statistics(federation):
+    from safetensors.numpy import load_file
+
+    out = federation["out"]
+    first, second = read_rounds(out)
+    # round 1: sites A (synth-t1, 2 cases) and C (synth-t1, 3) pooled, B (synth-t2, 2); round 2: C was rejected
+    assert first["gate"]["fitted_on"] == {"synth-t1": 5, "synth-t2": 2} and first["gate"]["never_chosen"] == []
+    assert second["gate"]["fitted_on"] == {"synth-t1": 2, "synth-t2": 2} and second["gate"]["never_chosen"] == []
+    assert 0 < second["gate"]["shrinkage"] <= 1  # OAS: 5 cases for the gate's features
+    w1, w2 = (load_file(str(out / "rounds" / f"{r:04d}" / "model.safetensors")) for r in (1, 2))
+    convs = [k for k in w1 if k.startswith("gate.convs.")]
+    assert convs and all(np.array_equal(w1[k], w2[k]) for k in convs)  # the gate's features stay fixed
+    assert not np.array_equal(w1["gate.classifier.synth-t1.weight"], w2["gate.classifier.synth-t1.weight"])
+    stats = load_file(str(out / "gate-stats.safetensors"))  # kept for a restarted coordinator
+    assert stats["synth-t1.count"][0] == 2 and stats["synth-t2.scatter"].shape == (len(stats["synth-t2.mean"]),) * 2
+    card = json.loads((out / "global-model" / "card.json").read_text())
+    assert card["gate"]["calibration"]["routing_fit"].startswith("negative-free")
+    assert card["gate"]["calibration"]["fitted_on"] == {"synth-t1": 2, "synth-t2": 2}
+
+
 def test_sites_emit_round_events(federation):
     procs = federation["procs"]
     for site in ("site-a", "site-b"):

@@ -58,15 +58,23 @@ def test_train_reply_holds_only_whitelisted_content(round_messages, monkeypatch)
 
     strategy, reply = _reply(round_messages, "train", monkeypatch)
     content = reply.content
-    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    assert set(content.keys()) == {"arrays", "metrics", "site", "gate-stats"}
     assert dict(content["site"]) == {"domain": "synth-t1"}
     assert set(content["metrics"].keys()) <= M.metric_keys(strategy.classes[1:])
     assert content["metrics"]["num-examples"] == 2 and "loss" in content["metrics"]
-    want = M.site_keys(list(strategy.expected), strategy.domains, "synth-t1")
+    want = M.site_keys(list(strategy.expected), strategy.domains, "synth-t1", fixed_gate=True)
     assert list(content["arrays"].keys()) == want
     assert not any(".harmony.synth-t2." in k or k.startswith("heads.synth-t2.") for k in want)
-    assert not any(k.startswith("gate.calibration") for k in want)
-    assert any(k.startswith("gate.classifier.synth-t2.") for k in want)  # the gate is averaged over all sites
+    assert any(".harmony.synth-t1." in k for k in want) and any(k.startswith("heads.synth-t1.") for k in want)
+    assert not any(k.startswith("gate.") for k in want)  # the negative-free gate is fixed: nothing of it is sent
+    # ... but the statistics of its pooled features over the site's 2 training cases
+    dim = strategy.model.gate.pooled_dim
+    stats = {k: v.numpy() for k, v in content["gate-stats"].items()}
+    assert {k: (v.shape, str(v.dtype)) for k, v in stats.items()} == {
+        "count": ((1,), "float64"), "mean": ((dim,), "float64"), "scatter": ((dim, dim), "float64")}
+    assert stats["count"][0] == 2
+    np.testing.assert_allclose(stats["scatter"], stats["scatter"].T)
+    assert np.linalg.matrix_rank(stats["scatter"], tol=1e-9) <= 1  # two cases: one direction about their mean
     for k, a in content["arrays"].items():
         assert (tuple(a.shape), a.dtype) == (tuple(strategy.expected[k][0]), strategy.expected[k][1]), k
     # no strings, file names or paths anywhere but the domain name
@@ -75,6 +83,32 @@ def test_train_reply_holds_only_whitelisted_content(round_messages, monkeypatch)
             if name == "site":
                 continue
             assert not isinstance(v, (str, bytes)), (name, k)
+    assert M.check_reply(content, kind="train", expected=strategy.expected, domains=strategy.domains,
+                         classes=strategy.classes[1:], gate_stats_dim=dim) == "synth-t1"
+    with pytest.raises(ValueError, match="records"):  # a coordinator with the averaged gate refuses it
+        M.check_reply(content, kind="train", expected=strategy.expected, domains=strategy.domains,
+                      classes=strategy.classes[1:])
+
+
+def test_averaged_gate_sends_the_whole_gate_and_no_statistics(round_messages, monkeypatch):
+    from flwr.app import ConfigRecord
+
+    from uharmony.fed import messages as M
+
+    strategy, message, context, settings = round_messages
+    msg = message("train")
+    cfg = dict(msg.content["config"])
+    cfg["train"] = M.encode_json({**json.loads(cfg["train"]), "gate_method": "averaged"})
+    msg.content["config"] = ConfigRecord(cfg)
+    monkeypatch.setenv("UHARMONY_FED_SITE_SETTINGS", str(settings))
+    from uharmony.fed import client_app
+
+    content = client_app.train(msg, context).content
+    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    want = M.site_keys(list(strategy.expected), strategy.domains, "synth-t1")
+    assert list(content["arrays"].keys()) == want
+    assert not any(k.startswith("gate.calibration") for k in want)
+    assert any(k.startswith("gate.classifier.synth-t2.") for k in want)  # averaged over all sites
     assert M.check_reply(content, kind="train", expected=strategy.expected, domains=strategy.domains,
                          classes=strategy.classes[1:]) == "synth-t1"
 
@@ -93,7 +127,8 @@ def test_evaluate_reply_holds_only_whitelisted_content(round_messages, monkeypat
 
 
 @pytest.mark.parametrize("tamper", ["extra record", "extra metric", "file name", "extra array", "wrong shape",
-                                    "other domain's head", "unknown domain", "nan metric"])
+                                    "other domain's head", "unknown domain", "nan metric", "gate array",
+                                    "stats extra key", "stats nan", "stats shape", "stats one case", "no stats"])
 def test_anything_outside_the_whitelist_is_refused(round_messages, monkeypatch, tamper):
     from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
 
@@ -101,6 +136,8 @@ def test_anything_outside_the_whitelist_is_refused(round_messages, monkeypatch, 
 
     strategy, reply = _reply(round_messages, "train", monkeypatch)
     c = reply.content
+    M.check_reply(c, kind="train", expected=strategy.expected, domains=strategy.domains, classes=strategy.classes[1:],
+                  gate_stats_dim=strategy.stats_dim)  # untouched, it passes
     records = dict(c.items())
     metrics = dict(c["metrics"])
     arrays = c["arrays"]
@@ -121,7 +158,22 @@ def test_anything_outside_the_whitelist_is_refused(round_messages, monkeypatch, 
         records["site"] = ConfigRecord({"domain": "patient-42"})
     elif tamper == "nan metric":
         metrics["loss"] = float("nan")
+    elif tamper == "gate array":  # the fixed gate's weights must not travel (nor change)
+        arrays["gate.convs.0.bias"] = Array(strategy.global_np["gate.convs.0.bias"])
+    elif tamper.startswith("stats"):
+        stats = {k: v.numpy().copy() for k, v in c["gate-stats"].items()}
+        if tamper == "stats extra key":
+            stats["features"] = np.zeros((2, len(stats["mean"])))
+        elif tamper == "stats nan":
+            stats["mean"][0] = np.nan
+        elif tamper == "stats shape":
+            stats["scatter"] = stats["scatter"][:-1]
+        else:
+            stats["count"] = np.ones(1)
+        records["gate-stats"] = M.to_arrays(stats)
+    elif tamper == "no stats":
+        records.pop("gate-stats")
     records["metrics"] = MetricRecord(metrics)
     with pytest.raises(ValueError):
         M.check_reply(RecordDict(records), kind="train", expected=strategy.expected, domains=strategy.domains,
-                      classes=strategy.classes[1:])
+                      classes=strategy.classes[1:], gate_stats_dim=strategy.stats_dim)

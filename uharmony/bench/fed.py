@@ -89,14 +89,16 @@ def write_fed_config(folder: Path, cfg: dict):
     return load_fed_config(path)
 
 
-def site_array_bytes(model, domain: str) -> int:
-    """Bytes of the parameter arrays a `domain` site sends (the global model's, by `messages.site_keys`)."""
+def site_array_bytes(model, domain: str, fixed_gate: bool = True) -> int:
+    """Bytes of the arrays a `domain` site sends: the global model's, by `messages.site_keys`, plus (fixed,
+    negative-free gate) its gate feature statistics: float64 count, mean (F) and scatter (F x F)."""
     from uharmony.fed import messages as M
     from uharmony.model.package import portable_state_dict
 
     tensors = portable_state_dict(model)
-    keys = M.site_keys(list(tensors), list(model.domains), domain)
-    return int(sum(tensors[k].numel() * tensors[k].element_size() for k in keys))
+    keys = M.site_keys(list(tensors), list(model.domains), domain, fixed_gate)
+    stats = M.gate_stats_bytes(model.gate.pooled_dim) if fixed_gate else 0
+    return int(sum(tensors[k].numel() * tensors[k].element_size() for k in keys)) + stats
 
 
 # ------------------------------------------------------------------------------ in-process federation
@@ -184,7 +186,9 @@ def run_federation_inprocess(cfg_dict: dict, datalists: dict[str, Path], folder:
                     reply = client_app.app(message=msg, context=ctx)
                     if reply.has_error():
                         raise RuntimeError(f"site {nodes[node]} failed in round {r}: {reply.error.reason}")
-                    arrays = reply.content[M.ARRAYS]
+                    arrays = dict(reply.content[M.ARRAYS].items())
+                    if M.GATE_STATS in reply.content:
+                        arrays.update({f"gate-stats.{k}": v for k, v in reply.content[M.GATE_STATS].items()})
                     byte_rows.append({
                         "round": r, "domain": nodes[node],
                         "up_array_bytes": int(sum(a.numpy().nbytes for a in arrays.values())),
@@ -429,7 +433,10 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
             tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(central_config(base, seed, gin)))
             cfg, _ = load_config(str(tmp))
-            if card["training"]["config"] != cfg.to_dict():
+            # read back through the loader: keys added since (with their old behaviour as default) are filled in
+            tmp.write_text(json.dumps(card["training"]["config"]))
+            recorded, _ = load_config(str(tmp))
+            if recorded.to_dict() != cfg.to_dict():
                 raise ValueError(f"{card_path}: trained with another config than {central_config(base, seed, gin)}")
             if arch is not None and card["architecture"] != arch:
                 raise ValueError(f"{card_path}: another architecture than the federated model's {arch}")

@@ -7,8 +7,17 @@ sample count. Then, in mode ``uharmony``:
 - shared weights (the backbone outside stage 2): averaged over all sites with those weights;
 - a domain's stage-2 parameters (``...harmony.<domain>.*``) and head (``heads.<domain>.*``): averaged
   over the sites of that domain only, by sample count; kept as they are when no site of it took part;
-- the gate (``gate.*``): averaged over ALL sites (each site's update carries the negatives the other
-  domains' rows need), with the domain-balanced weights.
+- the gate (``gate.*``), with ``gate_method = "averaged"``: averaged over ALL sites (each site's update
+  carries the negatives the other domains' rows need), with the domain-balanced weights. Measured, this
+  collapses: with one domain per site every local update only says "answer my domain", and the
+  averaged gate sent every benchmark case to one domain.
+- the gate with ``gate_method = "negative-free"`` (the default; DESIGN.md's alternative): its
+  convolutions stay the fixed, seeded initial ones and no site trains or sends them. Each site sends
+  the count, mean and scatter matrix of the gate's pooled features over its training cases
+  (`FeatureStats`); the coordinator pools them per domain (`pool`) and fits the classifier rows in
+  closed form as linear discriminant analysis (`fit_gate_lda`): per-domain Gaussians with one shared
+  covariance, shrunk by the OAS estimate (the federation has few cases per feature), equal priors. No
+  site needs another domain's cases.
 
 Mode ``fedavg`` (the FedGIN paper's setting, for comparison) averages every array over every site
 that sent it, with the same weights.
@@ -27,6 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MODES = ("uharmony", "fedavg")
+GATE_METHODS = ("negative-free", "averaged")
+NEVER_CHOSEN_BIAS = -1.0e4  # the gate row of a domain no site has described yet
 
 
 @dataclass
@@ -87,6 +98,72 @@ def aggregate(global_arrays: dict[str, np.ndarray], updates: list[Update], domai
         if holders:
             out[key] = _average([u.arrays[key] for u in holders], [weights[id(u)] for u in holders])
     return out
+
+
+@dataclass
+class FeatureStats:
+    """What a site says about its domain's gate features: count, mean (F,) and scatter sum((f-m)(f-m)^T) (F, F)."""
+
+    count: int
+    mean: np.ndarray
+    scatter: np.ndarray
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> "FeatureStats":
+        f = np.asarray(features, np.float64)
+        mean = f.mean(0)
+        return cls(len(f), mean, (f - mean).T @ (f - mean))
+
+
+def pool(parts: list[FeatureStats]) -> FeatureStats:
+    """The statistics of the union of the parts' cases (exact)."""
+    n = sum(p.count for p in parts)
+    mean = sum(p.count * p.mean for p in parts) / n
+    scatter = sum(p.scatter + p.count * np.outer(p.mean - mean, p.mean - mean) for p in parts)
+    return FeatureStats(n, mean, scatter)
+
+
+def oas_shrinkage(cov: np.ndarray, n: int) -> float:
+    """The Oracle Approximating Shrinkage weight towards (trace / dim) I (Chen et al., IEEE TSP 2010).
+
+    Needs only the covariance and its degrees of freedom, which is all the coordinator has: sites
+    send scatter matrices, not cases (Ledoit-Wolf would need the cases themselves).
+    """
+    p = cov.shape[0]
+    tr, tr2 = float(np.trace(cov)), float(np.trace(cov @ cov))
+    den = (n + 1 - 2 / p) * (tr2 - tr * tr / p)
+    return 1.0 if den <= 0 else float(min(1.0, ((1 - 2 / p) * tr2 + tr * tr) / den))
+
+
+def fit_gate_lda(stats: dict[str, FeatureStats], domains: list[str], *,
+                 shrinkage: float | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """The gate's classifier rows (``gate.classifier.<d>.weight`` (1, F), ``.bias`` (1,)) by LDA.
+
+    logit_d = f . S^-1 m_d - m_d . S^-1 m_d / 2 with S the pooled within-domain covariance, shrunk
+    towards its mean variance (by `shrinkage`, or by the OAS estimate when None); the softmax of the
+    logits is then the posterior of Gaussians with that shared covariance and equal priors. Domains
+    without statistics get a zero row and a bias that keeps them from ever being chosen. Returns
+    (rows, the shrinkage used).
+    """
+    known = [d for d in domains if d in stats and stats[d].count >= 1]
+    if not known:
+        return {}, float("nan")
+    dim = len(stats[known[0]].mean)
+    n = sum(stats[d].count for d in known)
+    within = sum(stats[d].scatter for d in known) / max(n - len(known), 1)
+    if shrinkage is None:
+        shrinkage = oas_shrinkage(within, max(n - len(known), 1))
+    cov = (1 - shrinkage) * within + shrinkage * (np.trace(within) / dim + 1e-12) * np.eye(dim)
+    out = {}
+    for d in domains:
+        if d in known:
+            w = np.linalg.solve(cov, stats[d].mean)
+            b = -0.5 * float(stats[d].mean @ w)
+        else:
+            w, b = np.zeros(dim), NEVER_CHOSEN_BIAS
+        out[f"gate.classifier.{d}.weight"] = w[None].astype(np.float32)
+        out[f"gate.classifier.{d}.bias"] = np.asarray([b], np.float32)
+    return out, float(shrinkage)
 
 
 def norm(arrays: dict[str, np.ndarray]) -> float:

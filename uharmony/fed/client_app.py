@@ -7,8 +7,10 @@ training settings (``config``: round numbers, architecture, classes, local steps
 
 Training a round = the trainer's `train_step` for steps ``(r-1)*L+1 .. r*L`` of a schedule of
 ``rounds*L`` steps (warm-up and decay span the whole federation), balanced over the site's cases, GIN
-on the network's input, the gate's cross-entropy on its own domain. What goes back is in
-`uharmony.fed.messages` (names, shapes, sample count, domain, whitelisted scalars only).
+on the network's input, and the gate's cross-entropy on its own domain (``gate_method = "averaged"``)
+or, by default (``"negative-free"``), no gate training but the statistics of the fixed gate's features
+over the site's cases (`gate_feature_stats`). What goes back is in `uharmony.fed.messages` (names,
+shapes, sample count, domain, whitelisted scalars only).
 """
 
 from __future__ import annotations
@@ -122,11 +124,17 @@ def local_train(rs: dict, arrays, settings: dict, device=None) -> tuple[dict, in
     site = load_site(settings, rs, model.gate.downsample)
     cfg = train_config(rs, site.domain)
     joint = rs["train"]["joint"]
+    fixed_gate = fixed_gate_of(rs)
+    if fixed_gate and len(site.train) < M.MIN_STATS_CASES:  # the mean of one case would be that case's features
+        from uharmony.errors import BadDatalistError
+
+        raise BadDatalistError(f"the federation's negative-free gate needs at least {M.MIN_STATS_CASES} training "
+                               f"cases per site, this datalist has {len(site.train)}", settings["data"])
     route = {site.domain: 0 if joint else model.domains.index(site.domain)}
     model = model.to(dev)
     state = LoopState(model=model, config=cfg, items=site.train,
                       sampler=BalancedSampler([{site.domain: list(range(len(site.train)))}]), route=route,
-                      device=dev, patch=tuple(cfg.patch_size), train_gate=not joint)
+                      device=dev, patch=tuple(cfg.patch_size), train_gate=not joint and not fixed_gate)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp and dev.type == "cuda")
     loss_fn = MarginalDiceCELoss(model.config.num_classes)
@@ -140,14 +148,35 @@ def local_train(rs: dict, arrays, settings: dict, device=None) -> tuple[dict, in
     from uharmony.model.package import portable_state_dict
 
     tensors = portable_state_dict(model.cpu())
-    keys = M.site_keys(list(tensors), list(model.domains), site.domain)
+    keys = M.site_keys(list(tensors), list(model.domains), site.domain, fixed_gate)
     out = {k: tensors[k].numpy() for k in keys}
+    stats = gate_feature_stats(model, site.train) if fixed_gate else None
     fault = fault_for(settings, rs["round"])
     if fault is not None:  # fault injection for tests only (see `fault_for`)
         sent = M.from_arrays(arrays)
         out = {k: (sent[k] + fault * (v - sent[k])).astype(v.dtype) for k, v in out.items()}
     metrics = {"loss": float(np.mean(losses)), "train_seconds": seconds}
-    return out, len(site.train), {**metrics, "domain": site.domain}
+    return out, len(site.train), {**metrics, "domain": site.domain, "gate_stats": stats}
+
+
+def fixed_gate_of(rs: dict) -> bool:
+    """Negative-free gate: fixed convolutions, never trained at a site; the site sends feature statistics."""
+    return rs["train"].get("gate_method") == "negative-free" and not rs["train"]["joint"]
+
+
+def gate_feature_stats(model, items):
+    """Count, mean and scatter of the fixed gate's pooled features over the site's un-augmented views."""
+    import torch
+
+    from uharmony.fed.aggregate import FeatureStats
+
+    dim = model.gate.pooled_dim
+    dev = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        feats = [model.gate(torch.stack([it.small for it in items[i:i + 16]]).to(dev))[1][:, -dim:]
+                 for i in range(0, len(items), 16)]
+    return FeatureStats.of(torch.cat(feats).double().cpu().numpy())
 
 
 def fault_for(settings: dict, round_no: int) -> float | None:
@@ -185,11 +214,14 @@ def _event(settings: dict, entry: dict) -> None:
             f.write(json.dumps(entry) + "\n")
 
 
-def _reply(msg: Message, samples: int, metrics: dict, classes: list[str], domain: str, arrays=None) -> Message:
+def _reply(msg: Message, samples: int, metrics: dict, classes: list[str], domain: str, arrays=None,
+           gate_stats=None) -> Message:
     content = {M.METRICS: M.metrics_record(samples, metrics, classes[1:]),
                M.SITE_RECORD: ConfigRecord({"domain": domain})}
     if arrays is not None:
         content[M.ARRAYS] = M.to_arrays(arrays)
+    if gate_stats is not None:
+        content[M.GATE_STATS] = M.gate_stats_record(gate_stats)
     return Message(RecordDict(content), reply_to=msg)
 
 
@@ -201,7 +233,7 @@ def train(msg: Message, context: Context) -> Message:
     _event(settings, {"phase": "train", "round": rs["round"], "total": rs["rounds"], "sites": rs["sites"],
                       "loss": info["loss"], "seconds": round(info["train_seconds"], 2)})
     metrics = {"loss": info["loss"] if math.isfinite(info["loss"]) else None}
-    return _reply(msg, samples, metrics, rs["classes"], info["domain"], arrays)
+    return _reply(msg, samples, metrics, rs["classes"], info["domain"], arrays, info["gate_stats"])
 
 
 @app.evaluate()

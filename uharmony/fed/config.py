@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from uharmony.errors import ExitCode, UHarmonyError
-from uharmony.fed.aggregate import MODES
+from uharmony.fed.aggregate import GATE_METHODS, MODES
 from uharmony.train.config import (
     GateConfig,
     ModelConfig,
@@ -60,6 +60,7 @@ class FedConfig:
     round_timeout_s: float = 900.0  # how long a phase (train, evaluate) waits for replies
     deadline_s: float = 86400.0  # the whole run is stopped (and why is said) after this many seconds
     aggregation: str = "uharmony"  # uharmony (per-domain stage 2 + heads) or fedavg (plain model, all averaged)
+    gate_method: str = "negative-free"  # negative-free (gate fitted from sites' feature statistics) or averaged
     reject_factor: float = 10.0  # reject updates whose norm exceeds this x the median of accepted norms
     evaluate: bool = True  # sites evaluate the new global model on their own cases every round
     train: FedTrainConfig = field(default_factory=FedTrainConfig)
@@ -110,6 +111,7 @@ def _validate(c: FedConfig, where) -> None:
     need(c.round_timeout_s > 0, "round_timeout_s", "must be > 0")
     need(c.deadline_s > 0, "deadline_s", "must be > 0")
     need(c.aggregation in MODES, "aggregation", f"must be one of {', '.join(MODES)}")
+    need(c.gate_method in GATE_METHODS, "gate_method", f"must be one of {', '.join(GATE_METHODS)}")
     need(c.reject_factor > 1, "reject_factor", "must be > 1")
     t = c.train
     need(t.local_steps >= 1, "train.local_steps", "must be >= 1")

@@ -7,7 +7,10 @@ A site's train reply is a RecordDict with exactly three records:
   (``heads.<other>.*``) and the gate's calibration statistics (`site_keys`);
 - ``metrics`` (MetricRecord): ``num-examples`` (the site's training-case count) and the whitelisted
   scalars `METRIC_KEYS`: ``loss``, ``gate-accuracy``, ``dice/<class name>`` for the federation's classes;
-- ``site`` (ConfigRecord): ``domain``, the site's domain name.
+- ``site`` (ConfigRecord): ``domain``, the site's domain name;
+- ``gate-stats`` (ArrayRecord, only with ``gate_method = "negative-free"``, when the gate is fixed and
+  its arrays are not sent): ``count`` (1,), ``mean`` (F,) and ``scatter`` (F, F) of the gate's pooled
+  features over the site's training cases, float64 (`uharmony.fed.aggregate.FeatureStats`).
 
 An evaluate reply has ``metrics`` and ``site`` only. `check_reply` refuses anything else: another record,
 key, name, shape, dtype, a non-finite number, a string anywhere but the domain. The coordinator runs it
@@ -26,14 +29,17 @@ ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
 SAMPLES = "num-examples"
 SCALAR_METRICS = ("loss", "gate-accuracy")
 DICE_PREFIX = "dice/"
+GATE_STATS = "gate-stats"
+MIN_STATS_CASES = 2
 
 
-def site_keys(all_keys, domains: list[str], domain: str) -> list[str]:
-    """The names a site of `domain` sends: all but other domains' stage-2/heads and gate calibration."""
+def site_keys(all_keys, domains: list[str], domain: str, fixed_gate: bool = False) -> list[str]:
+    """The names a site of `domain` sends: all but other domains' stage-2/heads and gate calibration
+    (and, when the gate is fixed (negative-free), none of the gate's arrays)."""
     others = [d for d in domains if d != domain]
     out = []
     for k in all_keys:
-        if k.startswith("gate.calibration."):
+        if k.startswith("gate.calibration.") or (fixed_gate and k.startswith("gate.")):
             continue
         if any(f".harmony.{o}." in k or k.startswith(f"heads.{o}.") for o in others):
             continue
@@ -87,14 +93,45 @@ def metrics_dict(record) -> dict:
     return out
 
 
-def check_reply(content, *, kind: str, expected: dict[str, tuple], domains: list[str], classes: list[str]) -> str:
+def gate_stats_bytes(dim: int) -> int:
+    """Bytes of a ``gate-stats`` record's arrays: float64 count, mean (dim) and scatter (dim x dim)."""
+    return 8 * (1 + dim + dim * dim)
+
+
+def gate_stats_record(stats) -> "ArrayRecord":  # noqa: F821
+    """The ``gate-stats`` record of a `FeatureStats`."""
+    return to_arrays({"count": np.asarray([stats.count], np.float64), "mean": np.asarray(stats.mean, np.float64),
+                      "scatter": np.asarray(stats.scatter, np.float64)})
+
+
+def read_gate_stats(record, dim: int):
+    """The `FeatureStats` of a ``gate-stats`` record, or ValueError when it is not exactly the whitelisted one."""
+    from uharmony.fed.aggregate import FeatureStats
+
+    if type(record).__name__ != "ArrayRecord" or set(record.keys()) != {"count", "mean", "scatter"}:
+        raise ValueError(f"record '{GATE_STATS}' must be an ArrayRecord of count, mean and scatter")
+    got = {k: record[k].numpy() for k in ("count", "mean", "scatter")}
+    for k, shape in (("count", (1,)), ("mean", (dim,)), ("scatter", (dim, dim))):
+        a = got[k]
+        if tuple(a.shape) != shape or a.dtype != np.float64 or not np.isfinite(a).all():
+            raise ValueError(f"{GATE_STATS} {k} is {a.dtype}{tuple(a.shape)}, expected finite float64{shape}")
+    count = float(got["count"][0])
+    if count != int(count) or count < MIN_STATS_CASES:
+        raise ValueError(f"{GATE_STATS} count must be an integer >= {MIN_STATS_CASES}")
+    return FeatureStats(int(count), got["mean"], got["scatter"])
+
+
+def check_reply(content, *, kind: str, expected: dict[str, tuple], domains: list[str], classes: list[str],
+                gate_stats_dim: int | None = None) -> str:
     """Check a reply's RecordDict against the whitelist; returns the site's domain or raises ValueError.
 
     ``expected``: global name -> (shape, dtype str) of every array; a site must send exactly
-    `site_keys` of its domain (for kind "train"); kind "evaluate" carries no arrays.
+    `site_keys` of its domain (for kind "train"); kind "evaluate" carries no arrays. ``gate_stats_dim``
+    (negative-free gate): train replies carry no gate arrays but the ``gate-stats`` record.
     """
+    fixed_gate = gate_stats_dim is not None and kind == "train"
     names = set(content.keys())
-    allowed = {METRICS, SITE_RECORD} | ({ARRAYS} if kind == "train" else set())
+    allowed = {METRICS, SITE_RECORD} | ({ARRAYS} if kind == "train" else set()) | ({GATE_STATS} if fixed_gate else set())
     if names != allowed:
         raise ValueError(f"records {sorted(names)} instead of {sorted(allowed)}")
     site = content[SITE_RECORD]
@@ -118,7 +155,7 @@ def check_reply(content, *, kind: str, expected: dict[str, tuple], domains: list
         arrays = content[ARRAYS]
         if type(arrays).__name__ != "ArrayRecord":
             raise ValueError("record 'arrays' is not an ArrayRecord")
-        want = site_keys(list(expected), domains, domain)
+        want = site_keys(list(expected), domains, domain, fixed_gate)
         got = list(arrays.keys())
         missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         if missing or unexpected:
@@ -129,6 +166,8 @@ def check_reply(content, *, kind: str, expected: dict[str, tuple], domains: list
             shape, dtype = expected[k]
             if tuple(a.shape) != tuple(shape) or str(a.dtype) != dtype:
                 raise ValueError(f"array {k} is {a.dtype}{tuple(a.shape)}, expected {dtype}{tuple(shape)}")
+    if fixed_gate:
+        read_gate_stats(content[GATE_STATS], gate_stats_dim)
     return domain
 
 

@@ -33,6 +33,30 @@ app = ServerApp()
 ROUND_LOG = "rounds.jsonl"
 STATUS = "status.json"
 GLOBAL = "global-model"
+GATE_STATS_FILE = "gate-stats.safetensors"  # per-domain gate feature statistics, kept for a restarted coordinator
+
+
+def gate_method_of(s: dict) -> str:
+    """The gate method in force: a plain FedAvg model (one joint domain) has no routing to fit."""
+    return s.get("gate_method", "negative-free") if s["aggregation"] == "uharmony" else "averaged"
+
+
+def save_gate_stats(path: Path, stats: dict) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    save_file({f"{d}.{k}": np.ascontiguousarray(v, np.float64) for d, st in stats.items()
+               for k, v in (("count", np.asarray([st.count], np.float64)), ("mean", st.mean), ("scatter", st.scatter))},
+              str(tmp))
+    os.replace(tmp, path)
+
+
+def load_gate_stats(path: Path, domains: list[str]) -> dict:
+    from safetensors.numpy import load_file
+
+    raw = load_file(str(path))
+    return {d: A.FeatureStats(int(raw[f"{d}.count"][0]), raw[f"{d}.mean"], raw[f"{d}.scatter"])
+            for d in domains if f"{d}.count" in raw}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -97,10 +121,14 @@ def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
                      "annotated_classes": list(s["classes"])} for d in arch["domains"]],
         "classes": class_table(union),
         "gate": {"unfamiliar_threshold": 1e6, "routing": "argmax",
-                 "calibration": {"note": "not calibrated: no site data reaches the coordinator"}},
+                 "calibration": {"note": "unfamiliar-input score not calibrated: no site data reaches the coordinator",
+                                 **gate_fit_record(s, entry)}},
         "intended_use": "Research. A federated model; validate it on your own data before relying on it. "
                         "Not a medical device.",
         "limitations": ["The unfamiliar-input flag is not calibrated for federated models (it never fires).",
+                        *(["The domain gate's routing is fitted without negatives (LDA on the fixed, untrained "
+                           "gate's features); it is weaker than a centrally trained gate: pass --domain when the "
+                           "domain is known."] if gate_method_of(s) == "negative-free" else []),
                         "Only as good as the sites' data: " + ", ".join(s["domains"])],
         "training": {"method": f"federated-{s['aggregation']}", "round": round_no, "rounds": s["rounds"],
                      "local_steps": s["train"]["local_steps"], "gin": s["train"]["gin"],
@@ -111,6 +139,14 @@ def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
                        "dice": {d: v.get("dice", {}) for d, v in entry["domains"].items()},
                        "gate_accuracy": {d: v.get("gate_accuracy") for d, v in entry["domains"].items()}},
     }
+
+
+def gate_fit_record(s: dict, entry: dict) -> dict:
+    if gate_method_of(s) != "negative-free":
+        return {"routing_fit": "gate trained at every site and averaged over all sites"}
+    return {"routing_fit": "negative-free: linear discriminant analysis of the fixed (seeded, untrained) gate's "
+                           "pooled features, fitted by the coordinator from each domain's feature count, mean "
+                           "and scatter sent by its sites", **entry.get("gate", {})}
 
 
 class UHarmonyStrategy(FedAvg):
@@ -128,6 +164,11 @@ class UHarmonyStrategy(FedAvg):
         self.domains = list(self.arch["domains"])
         self.classes = ["background", *s["classes"]]
         self.global_np = {k: v.numpy() for k, v in portable_state_dict(model).items()}
+        self.gate_method = gate_method_of(s)
+        self.stats_dim = model.gate.pooled_dim if self.gate_method == "negative-free" else None
+        stats_file = self.out / GATE_STATS_FILE
+        self.gate_stats = load_gate_stats(stats_file, self.domains) if s.get("resume_from") and stats_file.exists() \
+            else {}
         self.expected = {k: (v.shape, str(v.dtype)) for k, v in self.global_np.items()}
         self.history: list[float] = list(s.get("history", []))
         self.offset = int(s.get("start_round", 1)) - 1
@@ -166,7 +207,8 @@ class UHarmonyStrategy(FedAvg):
             time.sleep(1.0)
 
     def round_config(self, round_no: int, sites: int) -> ConfigRecord:
-        t = dict(self.s["train"], joint=self.s["aggregation"] == "fedavg", gate_weight=self.s["gate"]["weight"])
+        t = dict(self.s["train"], joint=self.s["aggregation"] == "fedavg", gate_weight=self.s["gate"]["weight"],
+                 gate_method=self.gate_method)
         return ConfigRecord({"global-round": round_no, "num-rounds": int(self.s["rounds"]), "num-sites": sites,
                              "arch": M.encode_json(self.arch), "classes": M.encode_json(self.classes),
                              "train": M.encode_json(t)})
@@ -198,14 +240,17 @@ class UHarmonyStrategy(FedAvg):
                 continue
             try:
                 domain = M.check_reply(msg.content, kind="train", expected=self.expected, domains=self.domains,
-                                       classes=self.classes[1:])
+                                       classes=self.classes[1:], gate_stats_dim=self.stats_dim)
             except ValueError as err:
                 e["rejected"].append({"site": str(node), "reason": f"message outside the whitelist: {err}"})
                 continue
             metrics = M.metrics_dict(msg.content[M.METRICS])
             arrays = M.from_arrays(msg.content[M.ARRAYS])
+            stats = M.read_gate_stats(msg.content[M.GATE_STATS], self.stats_dim) if self.stats_dim else None
+            sent = int(sum(a.nbytes for a in arrays.values()))
+            sent += 0 if stats is None else M.gate_stats_bytes(stats.mean.size)
             updates.append(A.Update(site=str(node), domain=domain, samples=metrics["samples"], arrays=arrays,
-                                    extra={"train": metrics, "bytes_up": int(sum(a.nbytes for a in arrays.values()))}))
+                                    extra={"train": metrics, "bytes_up": sent, "gate_stats": stats}))
         for node in (int(m.metadata.dst_node_id) for m in self.outbox):
             if node not in answered:
                 e["failures"].append({"site": str(node), "reason": f"no reply within {self.s['round_timeout_s']:g} s"})
@@ -222,12 +267,25 @@ class UHarmonyStrategy(FedAvg):
         if e["aggregated"]:
             self.global_np = A.aggregate(self.global_np, accepted, self.domains, self.s["aggregation"])
             self.history += [u.norm for u in accepted]
+            if self.stats_dim:
+                self.fit_gate(accepted)
         else:
             e["not_aggregated_because"] = (f"{len(accepted)} accepted update(s), fewer than min_sites = "
                                            f"{self.s['min_sites']}; the global model is unchanged")
         losses = [u.extra["train"].get("loss") for u in accepted if u.extra["train"].get("loss") is not None]
         metrics = MetricRecord({"loss": float(np.mean(losses))}) if losses else None
         return M.to_arrays(self.global_np), metrics
+
+    def fit_gate(self, accepted: list[A.Update]) -> None:
+        """Negative-free gate: this round's statistics replace each reporting domain's, then LDA on all."""
+        for d in {u.domain for u in accepted}:
+            self.gate_stats[d] = A.pool([u.extra["gate_stats"] for u in accepted if u.domain == d])
+        rows, shrinkage = A.fit_gate_lda(self.gate_stats, self.domains)
+        self.global_np.update(rows)
+        save_gate_stats(self.out / GATE_STATS_FILE, self.gate_stats)
+        self.entry["gate"] = {"fitted_on": {d: self.gate_stats[d].count for d in self.domains if d in self.gate_stats},
+                              "never_chosen": [d for d in self.domains if d not in self.gate_stats],
+                              "shrinkage": round(shrinkage, 4)}
 
     # -- evaluation --------------------------------------------------------------------------
     def configure_evaluate(self, server_round, arrays, config, grid):

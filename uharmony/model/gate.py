@@ -40,6 +40,11 @@ class DomainGate(nn.Module):
     def domains(self) -> list[str]:
         return list(self.classifier.keys())
 
+    @property
+    def pooled_dim(self) -> int:
+        """Length of the pooled features the classifier reads (the last columns of `forward`'s features)."""
+        return self.classifier[self.domains[0]].in_features
+
     def add_domain(self, name: str, like: str | None = None) -> None:
         head = nn.Linear(self.classifier[self.domains[0]].in_features, 1)
         stats = DomainStats(self.features)
