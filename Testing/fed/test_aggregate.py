@@ -184,3 +184,24 @@ def test_oas_shrinkage_grows_as_cases_per_feature_shrink():
     few, many = oas_shrinkage(cov(12), 11), oas_shrinkage(cov(2000), 1999)
     assert 0.5 < few <= 1.0 and 0.0 <= many < few
     assert oas_shrinkage(np.eye(20), 5) == 1.0  # already spherical: all the way
+
+
+def test_gate_statistics_file_round_trips_for_a_restarted_coordinator(tmp_path):
+    from safetensors.numpy import load_file
+
+    from uharmony.fed.aggregate import FeatureStats
+    from uharmony.fed.server_app import GATE_STATS_FILE, load_gate_stats, save_gate_stats
+
+    rng = np.random.default_rng(0)
+    stats = {"ct": FeatureStats.of(rng.normal(size=(5, 4))), "mri-t1": FeatureStats.of(rng.normal(size=(3, 4)))}
+    path = tmp_path / GATE_STATS_FILE
+    save_gate_stats(path, stats)
+    assert sorted(load_file(str(path))) == ["ct.count", "ct.mean", "ct.scatter",
+                                            "mri-t1.count", "mri-t1.mean", "mri-t1.scatter"]
+    assert [p.name for p in tmp_path.iterdir()] == [GATE_STATS_FILE]  # written via a temporary name, renamed
+    back = load_gate_stats(path, ["ct", "mri-t1", "mri-t2"])
+    assert set(back) == {"ct", "mri-t1"}  # a domain never described stays undescribed
+    for d, st in stats.items():
+        assert back[d].count == st.count
+        np.testing.assert_array_equal(back[d].mean, st.mean)
+        np.testing.assert_array_equal(back[d].scatter, st.scatter)

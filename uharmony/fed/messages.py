@@ -1,10 +1,11 @@
 """What travels between the coordinator and a site, and the whitelist of what may leave a site.
 
-A site's train reply is a RecordDict with exactly three records:
+A site's train reply is a RecordDict with exactly these records (the fourth only with the negative-free gate):
 
 - ``arrays`` (ArrayRecord): the parameters the site trained, with the global model's names, shapes and
   dtype: everything except other domains' stage-2 parameters (``...harmony.<other>.*``) and heads
-  (``heads.<other>.*``) and the gate's calibration statistics (`site_keys`);
+  (``heads.<other>.*``) and the gate's calibration statistics (with the negative-free gate: none of
+  the gate) (`site_keys`);
 - ``metrics`` (MetricRecord): ``num-examples`` (the site's training-case count) and the whitelisted
   scalars `METRIC_KEYS`: ``loss``, ``gate-accuracy``, ``dice/<class name>`` for the federation's classes;
 - ``site`` (ConfigRecord): ``domain``, the site's domain name;
