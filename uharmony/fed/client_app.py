@@ -160,8 +160,11 @@ def local_train(rs: dict, arrays, settings: dict, device=None) -> tuple[dict, in
 
 
 def fixed_gate_of(rs: dict) -> bool:
-    """Negative-free gate: fixed convolutions, never trained at a site; the site sends feature statistics."""
-    return rs["train"].get("gate_method") == "negative-free" and not rs["train"]["joint"]
+    """Negative-free gate: fixed convolutions, never trained at a site; the site sends feature statistics.
+
+    The coordinator resolves the method (`server_app.gate_method_of`: "averaged" for a plain FedAvg model).
+    """
+    return rs["train"].get("gate_method") == "negative-free"
 
 
 def gate_feature_stats(model, items):

@@ -310,7 +310,6 @@ def calibrate_gate(model: UHarmonyNet, fit_items: list[Prepared], held_items: li
     percentile, since the few most extreme random framings (a side cut deep into the head) would
     otherwise set it high enough to pass a binary mask or a label map as a familiar scan.
     """
-
     def views(items: list[Prepared], rng: np.random.Generator) -> list[torch.Tensor]:
         out = []
         for it in items:
