@@ -193,15 +193,30 @@ def test_gate_statistics_file_round_trips_for_a_restarted_coordinator(tmp_path):
     from uharmony.fed.server_app import GATE_STATS_FILE, load_gate_stats, save_gate_stats
 
     rng = np.random.default_rng(0)
-    stats = {"ct": FeatureStats.of(rng.normal(size=(5, 4))), "mri-t1": FeatureStats.of(rng.normal(size=(3, 4)))}
+    stats = {"17": ("ct", FeatureStats.of(rng.normal(size=(5, 4)))),
+             "42": ("mri-t1", FeatureStats.of(rng.normal(size=(3, 4)))),
+             "99": ("mri-t1", FeatureStats.of(rng.normal(size=(2, 4)))),
+             "7": ("gone", FeatureStats.of(rng.normal(size=(2, 4))))}
     path = tmp_path / GATE_STATS_FILE
     save_gate_stats(path, stats)
-    assert sorted(load_file(str(path))) == ["ct.count", "ct.mean", "ct.scatter",
-                                            "mri-t1.count", "mri-t1.mean", "mri-t1.scatter"]
+    assert sorted(load_file(str(path))) == sorted(f"{s}.{k}" for s in stats for k in ("count", "mean", "scatter"))
     assert [p.name for p in tmp_path.iterdir()] == [GATE_STATS_FILE]  # written via a temporary name, renamed
     back = load_gate_stats(path, ["ct", "mri-t1", "mri-t2"])
-    assert set(back) == {"ct", "mri-t1"}  # a domain never described stays undescribed
-    for d, st in stats.items():
-        assert back[d].count == st.count
-        np.testing.assert_array_equal(back[d].mean, st.mean)
-        np.testing.assert_array_equal(back[d].scatter, st.scatter)
+    assert set(back) == {"17", "42", "99"}  # one entry per site; a domain no longer federated is dropped
+    for site, (domain, st) in back.items():
+        assert domain == stats[site][0] and st.count == stats[site][1].count
+        np.testing.assert_array_equal(st.mean, stats[site][1].mean)
+        np.testing.assert_array_equal(st.scatter, stats[site][1].scatter)
+
+
+def test_gate_statistics_file_of_the_per_domain_format_loads_as_one_pseudo_site_per_domain(tmp_path):
+    from safetensors.numpy import save_file
+
+    from uharmony.fed.aggregate import FeatureStats
+    from uharmony.fed.server_app import load_gate_stats
+
+    st = FeatureStats.of(np.random.default_rng(1).normal(size=(4, 3)))
+    save_file({"ct.count": np.array([4.0]), "ct.mean": st.mean, "ct.scatter": st.scatter}, str(tmp_path / "g"))
+    [(site, (domain, back))] = load_gate_stats(tmp_path / "g", ["ct", "mri-t1"]).items()
+    assert site == "domain:ct" and domain == "ct" and back.count == 4
+    np.testing.assert_array_equal(back.scatter, st.scatter)

@@ -102,19 +102,35 @@ def test_negative_free_gate_is_fitted_from_the_accepted_sites_statistics(federat
 
     out = federation["out"]
     first, second = read_rounds(out)
-    # round 1: sites A (synth-t1, 2 cases) and C (synth-t1, 3) pooled, B (synth-t2, 2); round 2: C was rejected
+    # round 1: sites A (synth-t1, 2 cases) and C (synth-t1, 3) pooled, B (synth-t2, 2)
     assert first["gate"]["fitted_on"] == {"synth-t1": 5, "synth-t2": 2} and first["gate"]["never_chosen"] == []
-    assert second["gate"]["fitted_on"] == {"synth-t1": 2, "synth-t2": 2} and second["gate"]["never_chosen"] == []
+    assert first["gate"]["sites"] == {"synth-t1": 2, "synth-t2": 1} and first["gate"]["from_earlier_rounds"] == []
+    # round 2: C's update was rejected, but its round-1 statistics (of the same fixed features) still count
+    site_c = second["rejected"][0]["site"]
+    assert site_c in {p["site"] for p in first["participants"] if p["samples"] == 3}  # the same node id
+    assert second["gate"]["fitted_on"] == {"synth-t1": 5, "synth-t2": 2}
+    assert second["gate"]["from_earlier_rounds"] == [site_c]
     assert 0 < second["gate"]["shrinkage"] <= 1  # OAS: 5 cases for the gate's features
     w1, w2 = (load_file(str(out / "rounds" / f"{r:04d}" / "model.safetensors")) for r in (1, 2))
     convs = [k for k in w1 if k.startswith("gate.convs.")]
     assert convs and all(np.array_equal(w1[k], w2[k]) for k in convs)  # the gate's features stay fixed
-    assert not np.array_equal(w1["gate.classifier.synth-t1.weight"], w2["gate.classifier.synth-t1.weight"])
-    stats = load_file(str(out / "gate-stats.safetensors"))  # kept for a restarted coordinator
-    assert stats["synth-t1.count"][0] == 2 and stats["synth-t2.scatter"].shape == (len(stats["synth-t2.mean"]),) * 2
+    # the classifier rows are fitted, not averaged: LDA of the kept per-site statistics, the same in both rounds
+    from uharmony.fed.aggregate import fit_gate_lda, pool
+    from uharmony.fed.server_app import GATE_STATS_FILE, load_gate_stats
+
+    kept = load_gate_stats(out / GATE_STATS_FILE, ["synth-t1", "synth-t2"])
+    by_domain = {d: pool([st for dom, st in kept.values() if dom == d]) for d in ("synth-t1", "synth-t2")}
+    rows, _ = fit_gate_lda(by_domain, ["synth-t1", "synth-t2"])
+    assert sorted(rows) == sorted(k for k in w2 if k.startswith("gate.classifier."))
+    for k, v in rows.items():
+        np.testing.assert_allclose(w2[k], v, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(w1[k], w2[k])
+    stats = load_file(str(out / "gate-stats.safetensors"))  # kept for a restarted coordinator: per site
+    counts = sorted(int(stats[f"{p['site']}.count"][0]) for p in first["participants"])
+    assert counts == [2, 2, 3]
     card = json.loads((out / "global-model" / "card.json").read_text())
     assert card["gate"]["calibration"]["routing_fit"].startswith("negative-free")
-    assert card["gate"]["calibration"]["fitted_on"] == {"synth-t1": 2, "synth-t2": 2}
+    assert card["gate"]["calibration"]["fitted_on"] == {"synth-t1": 5, "synth-t2": 2}
 
 
 def test_sites_emit_round_events(federation):

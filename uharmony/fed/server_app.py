@@ -41,22 +41,39 @@ def gate_method_of(s: dict) -> str:
     return s.get("gate_method", "negative-free") if s["aggregation"] == "uharmony" else "averaged"
 
 
-def save_gate_stats(path: Path, stats: dict) -> None:
+def save_gate_stats(path: Path, site_stats: dict) -> None:
+    """Write each site's latest gate statistics ({site: (domain, FeatureStats)}) atomically."""
     from safetensors.numpy import save_file
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    save_file({f"{d}.{k}": np.ascontiguousarray(v, np.float64) for d, st in stats.items()
-               for k, v in (("count", np.asarray([st.count], np.float64)), ("mean", st.mean), ("scatter", st.scatter))},
-              str(tmp))
+    arrays = {f"{site}.{k}": np.ascontiguousarray(v, np.float64) for site, (_, st) in site_stats.items()
+              for k, v in (("count", np.asarray([st.count], np.float64)), ("mean", st.mean), ("scatter", st.scatter))}
+    sites = json.dumps({site: domain for site, (domain, _) in site_stats.items()})
+    save_file(arrays, str(tmp), metadata={"sites": sites})
     os.replace(tmp, path)
 
 
 def load_gate_stats(path: Path, domains: list[str]) -> dict:
+    """{site: (domain, FeatureStats)} from `save_gate_stats`, for the federation's domains only.
+
+    A file written before statistics were kept per site holds one entry per domain; each becomes a
+    pseudo-site ``domain:<name>`` (replaced as soon as a site of that domain reports again).
+    """
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
     raw = load_file(str(path))
-    return {d: A.FeatureStats(int(raw[f"{d}.count"][0]), raw[f"{d}.mean"], raw[f"{d}.scatter"])
-            for d in domains if f"{d}.count" in raw}
+    sites = json.loads(meta["sites"]) if "sites" in meta else \
+        {f"domain:{k[:-len('.count')]}": k[:-len(".count")] for k in raw if k.endswith(".count")}
+    legacy = "sites" not in meta
+    out = {}
+    for site, domain in sites.items():
+        key = domain if legacy else site
+        if domain in domains and f"{key}.count" in raw:
+            out[site] = (domain, A.FeatureStats(int(raw[f"{key}.count"][0]), raw[f"{key}.mean"], raw[f"{key}.scatter"]))
+    return out
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -167,7 +184,9 @@ class UHarmonyStrategy(FedAvg):
         self.gate_method = gate_method_of(s)
         self.stats_dim = model.gate.pooled_dim if self.gate_method == "negative-free" else None
         stats_file = self.out / GATE_STATS_FILE
-        self.gate_stats = load_gate_stats(stats_file, self.domains) if s.get("resume_from") and stats_file.exists() \
+        # {site: (domain, stats)}: each site's latest accepted statistics. The gate's features are fixed,
+        # so a site that misses a round (or whose update is rejected) still describes its data.
+        self.site_stats = load_gate_stats(stats_file, self.domains) if s.get("resume_from") and stats_file.exists() \
             else {}
         self.expected = {k: (v.shape, str(v.dtype)) for k, v in self.global_np.items()}
         self.history: list[float] = list(s.get("history", []))
@@ -277,14 +296,21 @@ class UHarmonyStrategy(FedAvg):
         return M.to_arrays(self.global_np), metrics
 
     def fit_gate(self, accepted: list[A.Update]) -> None:
-        """Negative-free gate: this round's statistics replace each reporting domain's, then LDA on all."""
-        for d in {u.domain for u in accepted}:
-            self.gate_stats[d] = A.pool([u.extra["gate_stats"] for u in accepted if u.domain == d])
-        rows, shrinkage = A.fit_gate_lda(self.gate_stats, self.domains)
+        """Negative-free gate: keep each accepted site's latest statistics, pool them per domain, LDA on all."""
+        for u in accepted:
+            self.site_stats[u.site] = (u.domain, u.extra["gate_stats"])
+        by_domain: dict[str, list] = {}
+        for domain, st in self.site_stats.values():
+            by_domain.setdefault(domain, []).append(st)
+        gate_stats = {d: A.pool(v) for d, v in by_domain.items()}
+        rows, shrinkage = A.fit_gate_lda(gate_stats, self.domains)
         self.global_np.update(rows)
-        save_gate_stats(self.out / GATE_STATS_FILE, self.gate_stats)
-        self.entry["gate"] = {"fitted_on": {d: self.gate_stats[d].count for d in self.domains if d in self.gate_stats},
-                              "never_chosen": [d for d in self.domains if d not in self.gate_stats],
+        save_gate_stats(self.out / GATE_STATS_FILE, self.site_stats)
+        fresh = {u.site for u in accepted}
+        self.entry["gate"] = {"fitted_on": {d: gate_stats[d].count for d in self.domains if d in gate_stats},
+                              "sites": {d: len(by_domain[d]) for d in self.domains if d in by_domain},
+                              "from_earlier_rounds": sorted(s for s in self.site_stats if s not in fresh),
+                              "never_chosen": [d for d in self.domains if d not in gate_stats],
                               "shrinkage": round(shrinkage, 4)}
 
     # -- evaluation --------------------------------------------------------------------------
