@@ -27,6 +27,8 @@ start_sites = {start_sites}
 round_timeout_s = {timeout}
 deadline_s = {deadline}
 evaluate = {evaluate}
+gate_pretrain_steps = 10
+gate_pretrain_views = 12
 [train]
 local_steps = 3
 patch_size = [16, 16, 16]

@@ -113,7 +113,12 @@ def test_negative_free_gate_is_fitted_from_the_accepted_sites_statistics(federat
     assert 0 < second["gate"]["shrinkage"] <= 1  # OAS: 5 cases for the gate's features
     w1, w2 = (load_file(str(out / "rounds" / f"{r:04d}" / "model.safetensors")) for r in (1, 2))
     convs = [k for k in w1 if k.startswith("gate.convs.")]
-    assert convs and all(np.array_equal(w1[k], w2[k]) for k in convs)  # the gate's features stay fixed
+    assert convs and all(np.array_equal(w1[k], w2[k]) for k in convs)  # the gate's features stay fixed ...
+    from uharmony.train.contrast import encoder_file
+
+    encoder = load_file(str(encoder_file(1, [8, 8, 8], [4, 8], steps=10, views=12)))  # ... the pretrained encoder's
+    assert sorted(f"gate.convs.{k}" for k in encoder) == sorted(convs)
+    assert all(np.array_equal(w1[f"gate.convs.{k}"], v) for k, v in encoder.items())
     # the classifier rows are fitted, not averaged: LDA of the kept per-site statistics, the same in both rounds
     from uharmony.fed.aggregate import fit_gate_lda, pool
     from uharmony.fed.server_app import GATE_STATS_FILE, load_gate_stats
@@ -130,6 +135,8 @@ def test_negative_free_gate_is_fitted_from_the_accepted_sites_statistics(federat
     assert counts == [2, 2, 3]
     card = json.loads((out / "global-model" / "card.json").read_text())
     assert card["gate"]["calibration"]["routing_fit"].startswith("negative-free")
+    assert card["gate"]["calibration"]["features"]["kind"] == "contrast encoder"
+    assert card["gate"]["calibration"]["features"]["steps"] == 10
     assert card["gate"]["calibration"]["fitted_on"] == {"synth-t1": 5, "synth-t2": 2}
 
 

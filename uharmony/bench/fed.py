@@ -62,7 +62,8 @@ def central_config(base: dict, seed: int, gin: bool) -> dict:
 
 
 def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed: int, gin: bool,
-               evaluate: bool = False, address: str = "127.0.0.1:9092", insecure: bool = False) -> dict:
+               evaluate: bool = False, address: str = "127.0.0.1:9092", insecure: bool = False,
+               pretrain: tuple[int, int] = (1500, 1800)) -> dict:
     """A fed.toml (as a dict) with the benchmark's budget; `uharmony.fed.config` validates it."""
     from uharmony.train.config import GateConfig, ModelConfig
 
@@ -71,7 +72,7 @@ def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed:
     return {"domains": list(SITES), "classes": list(classes), "name": "bench-fed", "address": address,
             "out": "federation", "insecure": insecure, "rounds": rounds, "min_sites": len(SITES),
             "start_sites": len(SITES), "round_timeout_s": 1800.0, "deadline_s": 3600.0, "aggregation": "uharmony",
-            "evaluate": evaluate,
+            "evaluate": evaluate, "gate_pretrain_steps": pretrain[0], "gate_pretrain_views": pretrain[1],
             "train": {"local_steps": local, "batch_size": base["batch_size"], "patch_size": list(base["patch_size"]),
                       "spacing_mm": list(base["spacing_mm"]), "fg_prob": base.get("fg_prob", 0.67),
                       "lr": base["lr"], "seed": seed, "gin": gin, "eval_cases": 1},
@@ -478,6 +479,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
     classes = list(union[1:])
     local = local_steps(steps, rounds)
     patch = tuple(base["patch_size"])
+    pretrain = (5, 12) if quick else (1500, 1800)  # the gate's contrast encoder (cached per gate shape)
     plan = {"central_steps": steps, "batch_size": base["batch_size"], "sites": len(SITES), "rounds": rounds,
             "local_steps": local, "steps_per_site": rounds * local, "fed_steps_total": len(SITES) * rounds * local,
             "patches_per_domain_central": steps * base["batch_size"] / len(SITES),
@@ -516,7 +518,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
             from uharmony.fed.server_app import arch_of
 
             cfg = write_fed_config(root / "fed" / "arch-check", fed_config(
-                base, classes=classes, rounds=rounds, local=local, seed=seeds[0], gin=True))
+                base, classes=classes, rounds=rounds, local=local, seed=seeds[0], gin=True, pretrain=pretrain))
             arch = arch_of({**cfg.to_dict(), "out": str(root / "fed" / "arch-check")})
             for label, per in reuse_central(central_json, root, base, seeds, datalists, arch).items():
                 for seed, scores in per.items():
@@ -547,7 +549,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
             tag = "+GIN" if gin else ""
             folder = root / "fed" / f"seed{seed}" / ("federated" + tag)
             log(f"seed {seed} federated{tag}: {rounds} rounds x {local} local steps at {len(SITES)} sites (in-process)")
-            cfg = fed_config(base, classes=classes, rounds=rounds, local=local, seed=seed, gin=gin)
+            cfg = fed_config(base, classes=classes, rounds=rounds, local=local, seed=seed, gin=gin, pretrain=pretrain)
             run = run_federation_inprocess(cfg, datalists, folder, log=log)
             model, _ = load_model(run["out"])
             expected = {d: site_array_bytes(model, d) for d in SITES}
@@ -563,7 +565,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
     # -- one short real Flower run: bytes and round overhead
     if flower_rounds > 0:
         log(f"real Flower run: {flower_rounds} round(s) x {local} local steps, 3 sites, TLS + keys on 127.0.0.1")
-        cfg = fed_config(base, classes=classes, rounds=flower_rounds, local=local, seed=seeds[0], gin=True)
+        cfg = fed_config(base, classes=classes, rounds=flower_rounds, local=local, seed=seeds[0], gin=True,
+                         pretrain=pretrain)
         extra["flower"] = run_flower(cfg, datalists, root / "fed" / "flower-run", timeout=flower_timeout, log=log)
         if not extra["flower"]["ok"]:
             log(f"the real Flower run failed: {extra['flower'].get('error', '')[:400]}")

@@ -260,12 +260,25 @@ DOMAINS: dict[str, dict] = {
                       "marrow": (250.0, 700.0)},
            "variants": [(0.3, "haemorrhage", {"lesion": (55.0, 80.0), "rim": (20.0, 40.0)})]},
 }
+# Not a domain: every tissue's intensity drawn independently (any contrast order), and with a
+# probability bone far brighter than brain as in CT. `uharmony.train.contrast` pretrains the federated
+# gate's features on it, so those features describe contrast without being taught any site's style.
+RANDOM_CONTRAST = "random-contrast"
+_RANDOM_CONTRAST_SPEC = {"modality": "mri", "order": (),
+                         "ranges": {nm: (0.0, 1.0) for nm in TISSUES if nm != "air"},
+                         "variants": [(0.3, "bright bone", {"skull": (2.0, 30.0), "marrow": (1.0, 10.0)})]}
+
+
+def _spec(domain: str) -> dict:
+    return _RANDOM_CONTRAST_SPEC if domain == RANDOM_CONTRAST else DOMAINS[domain]
+
+
 BENCH_TRAIN_DOMAINS = ("mri-t1", "mri-t2", "ct")  # `uharmony bench generalize` trains on these
 BENCH_UNSEEN_DOMAIN = "mri-flair"  # ... and tests on this one, never trained on
 
 
 def _means(rng, domain: str, for_gate: bool = False) -> tuple[np.ndarray, str]:
-    spec = DOMAINS[domain]
+    spec = _spec(domain)
     ranges = dict(spec["ranges"])
     variant = "plain"
     for p, name, changes in spec["variants"] + (spec.get("gate_variants", []) if for_gate else []):
@@ -291,7 +304,7 @@ def render(head: Head, domain: str, seed: int, *, spacing: float = SPACING_MM,
     from scipy import ndimage as ndi
 
     rng = _rng(seed, "render:" + domain)
-    spec = DOMAINS[domain]
+    spec = _spec(domain)
     mri = spec["modality"] == "mri"
     mu, variant = _means(rng, domain, for_gate)
     t = head.tissue

@@ -22,6 +22,7 @@ from uharmony.train.config import (
     read_config_values,
 )
 
+GATE_FEATURES = ("contrast", "random")
 DEFAULT_CLASSES = ("cerebrospinal fluid", "grey matter", "white matter", "lesion")
 
 
@@ -61,6 +62,9 @@ class FedConfig:
     deadline_s: float = 86400.0  # the whole run is stopped (and why is said) after this many seconds
     aggregation: str = "uharmony"  # uharmony (per-domain stage 2 + heads) or fedavg (plain model, all averaged)
     gate_method: str = "negative-free"  # negative-free (gate fitted from sites' feature statistics) or averaged
+    gate_features: str = "contrast"  # negative-free gate's fixed features: contrast (pretrained encoder) or random
+    gate_pretrain_steps: int = 1500  # steps of the contrast encoder's pretraining (cached per gate shape)
+    gate_pretrain_views: int = 1800  # random-contrast synthetic views it pretrains on
     reject_factor: float = 10.0  # reject updates whose norm exceeds this x the median of accepted norms
     evaluate: bool = True  # sites evaluate the new global model on their own cases every round
     train: FedTrainConfig = field(default_factory=FedTrainConfig)
@@ -112,6 +116,9 @@ def _validate(c: FedConfig, where) -> None:
     need(c.deadline_s > 0, "deadline_s", "must be > 0")
     need(c.aggregation in MODES, "aggregation", f"must be one of {', '.join(MODES)}")
     need(c.gate_method in GATE_METHODS, "gate_method", f"must be one of {', '.join(GATE_METHODS)}")
+    need(c.gate_features in GATE_FEATURES, "gate_features", f"must be one of {', '.join(GATE_FEATURES)}")
+    need(c.gate_pretrain_steps >= 1, "gate_pretrain_steps", "must be >= 1")
+    need(c.gate_pretrain_views >= 10, "gate_pretrain_views", "must be >= 10")
     need(c.reject_factor > 1, "reject_factor", "must be > 1")
     t = c.train
     need(t.local_steps >= 1, "train.local_steps", "must be >= 1")

@@ -95,6 +95,25 @@ def last_round(out: Path) -> tuple[int, list[float]]:
     return last, history
 
 
+def _contrast_encoder(cfg: FedConfig, log) -> str | None:
+    """A new federation's negative-free gate features: the cached contrast encoder, pretrained here the
+    first time (minutes on a CPU, once per gate shape), so the ServerApp only loads it."""
+    from uharmony.fed.server_app import contrast_encoder_file, uses_contrast_encoder
+
+    s = cfg.to_dict()
+    if not uses_contrast_encoder(s):
+        return None
+    shown: dict[str, int] = {}
+
+    def progress(stage: str, i: int, n: int) -> None:
+        tenth = 10 * i // n
+        if shown.get(stage, -1) < tenth:
+            shown[stage] = tenth
+            log(f"pretraining the gate's contrast encoder (once per gate shape): {stage} {i}/{n}")
+
+    return str(contrast_encoder_file(s, progress))
+
+
 def _port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):
@@ -119,6 +138,7 @@ def run_serve(config_path: str, reporter: Reporter | None = None) -> int:
         log(f"the federation finished already: round {done} of {cfg.rounds} is in {out / ROUND_LOG}")
         reporter.result([out / GLOBAL], {"rounds": done})
         return 0
+    encoder = _contrast_encoder(cfg, log) if not done else None
     (out / "superlink").mkdir(exist_ok=True)
     cmd = [flower.tool("flower-superlink"), "--host", host, "--port", str(port),
            "--database", str(out / "superlink" / "state.db"), "--disable-runtime-dependency-installation"]
@@ -145,7 +165,7 @@ def run_serve(config_path: str, reporter: Reporter | None = None) -> int:
             f"{'continuing after round ' + str(done) if done else 'starting a new federation'}")
         app_dir = flower.write_app_dir(out / "app")
         settings = {**cfg.to_dict(), "out": str(out), "start_round": done + 1, "history": history,
-                    "resume_from": str(out / GLOBAL) if done else None,
+                    "resume_from": str(out / GLOBAL) if done else None, "gate_encoder": encoder,
                     "resume_sha256": sha256_file(out / GLOBAL / "model.safetensors") if done else None}
         import tomli_w
 

@@ -115,9 +115,30 @@ def initial_model(s: dict):
         if card["architecture"] != arch:
             raise BadModelError("the last global model's architecture differs from fed.toml's; move the out folder "
                                 "away to start a new federation", s["resume_from"])
+        s["gate_features_info"] = card["gate"].get("calibration", {}).get("features")
         return model
     torch.manual_seed(int(s["train"]["seed"]))
-    return UHarmonyNet(ArchConfig.from_dict(arch))
+    model = UHarmonyNet(ArchConfig.from_dict(arch))
+    if uses_contrast_encoder(s):
+        from uharmony.train.contrast import load_encoder
+
+        path = s.get("gate_encoder") or contrast_encoder_file(s)
+        s["gate_features_info"] = {"kind": "contrast encoder", **load_encoder(model.gate, Path(path))}
+    return model
+
+
+def uses_contrast_encoder(s: dict) -> bool:
+    """Negative-free gate with pretrained contrast features (`uharmony.train.contrast`), the default."""
+    return gate_method_of(s) == "negative-free" and s.get("gate_features", "contrast") == "contrast"
+
+
+def contrast_encoder_file(s: dict, progress=None) -> Path:
+    """The cached contrast encoder for the federation's gate shape (pretrained now if not cached yet)."""
+    from uharmony.train.contrast import ensure_encoder
+
+    return ensure_encoder(len(s["channels"]), s["gate"]["input_size"], s["gate"]["filters"],
+                          steps=int(s.get("gate_pretrain_steps", 1500)), views=int(s.get("gate_pretrain_views", 1800)),
+                          progress=progress)
 
 
 def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
@@ -143,9 +164,9 @@ def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
         "intended_use": "Research. A federated model; validate it on your own data before relying on it. "
                         "Not a medical device.",
         "limitations": ["The unfamiliar-input flag is not calibrated for federated models (it never fires).",
-                        *(["The domain gate's routing is fitted without negatives (LDA on the fixed, untrained "
-                           "gate's features); it is weaker than a centrally trained gate: pass --domain when the "
-                           "domain is known."] if gate_method_of(s) == "negative-free" else []),
+                        *(["The domain gate's routing is fitted without negatives (LDA on the gate's fixed "
+                           "features, never trained on site data); check the domain it chose, and pass --domain "
+                           "when the domain is known."] if gate_method_of(s) == "negative-free" else []),
                         "Only as good as the sites' data: " + ", ".join(s["domains"])],
         "training": {"method": f"federated-{s['aggregation']}", "round": round_no, "rounds": s["rounds"],
                      "local_steps": s["train"]["local_steps"], "gin": s["train"]["gin"],
@@ -161,9 +182,10 @@ def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
 def gate_fit_record(s: dict, entry: dict) -> dict:
     if gate_method_of(s) != "negative-free":
         return {"routing_fit": "gate trained at every site and averaged over all sites"}
-    return {"routing_fit": "negative-free: linear discriminant analysis of the fixed (seeded, untrained) gate's "
-                           "pooled features, fitted by the coordinator from each domain's feature count, mean "
-                           "and scatter sent by its sites", **entry.get("gate", {})}
+    features = s.get("gate_features_info") or {"kind": "random: the seeded initial convolutions, never trained"}
+    return {"routing_fit": "negative-free: linear discriminant analysis of the fixed gate's pooled features, fitted "
+                           "by the coordinator from each domain's feature count, mean and scatter sent by its sites",
+            "features": features, **entry.get("gate", {})}
 
 
 class UHarmonyStrategy(FedAvg):
