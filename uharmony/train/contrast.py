@@ -83,6 +83,7 @@ def contrast_views(n_views: int, input_size, channels: int = 1, *, progress: Cal
 
 
 def pretrain_gate_features(gate: DomainGate, *, steps: int, views: int, seed: int = 0, batch_size: int = 32,
+                           device: torch.device | str = "cpu",
                            progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Re-initialise (from ``seed``) and train ``gate.convs`` to describe contrast; returns what was done.
 
@@ -90,6 +91,7 @@ def pretrain_gate_features(gate: DomainGate, *, steps: int, views: int, seed: in
     them (masked MSE: absent tissues do not count); the gate's classifier and calibration are not
     touched. The views are jittered in geometry and lightly in intensity (`jitter_views`), as a gate's
     views are in training. A tenth of the views is held out to report the loss before and after.
+    Trains on ``device`` (the views stay on the CPU, a batch at a time moves); the gate is returned there.
     """
     from uharmony.augment.views import jitter_views
 
@@ -108,11 +110,15 @@ def pretrain_gate_features(gate: DomainGate, *, steps: int, views: int, seed: in
         for conv in gate.convs:
             conv.reset_parameters()
         head = torch.nn.Linear(dim, y.shape[1])
+    device = torch.device(device)
+    gate.to(device)
+    head.to(device)
     params = [*gate.convs.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=1e-4)
     rng = np.random.default_rng([seed, FORMAT])
 
     def loss_of(v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        v, target = v.to(device), target.to(device)
         pred = head(gate(v)[1][:, -dim:])
         ok = torch.isfinite(target)
         return ((pred - target.nan_to_num(0.0)) ** 2 * ok).sum() / ok.sum().clamp_min(1)
@@ -151,14 +157,19 @@ def encoder_file(in_channels: int, input_size, filters, *, steps: int, views: in
 
 def ensure_encoder(in_channels: int, input_size, filters, *, steps: int, views: int, seed: int = 0,
                    progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """The cached encoder file for this gate shape, pretrained first if there is none yet."""
+    """The cached encoder file for this gate shape, pretrained first (on the GPU if there is one) if
+    there is none yet."""
     from safetensors.torch import save_file
+
+    from uharmony.device import choose_device
 
     path = encoder_file(in_channels, input_size, filters, steps=steps, views=views, seed=seed)
     if path.is_file():
         return path
     gate = DomainGate(in_channels, ["any"], input_size, filters)
-    info = pretrain_gate_features(gate, steps=steps, views=views, seed=seed, progress=progress)
+    info = pretrain_gate_features(gate, steps=steps, views=views, seed=seed, device=choose_device("auto"),
+                                  progress=progress)
+    gate.cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     save_file({k: v.contiguous() for k, v in gate.convs.state_dict().items()}, str(tmp),
