@@ -109,6 +109,17 @@ def test_bytes_per_round_are_the_owned_parameter_arrays(bench):
     assert all(len(v["up_array_bytes"]) == 1 for v in per_domain.values())  # the same every round and seed
 
 
+def test_in_process_rounds_tell_the_sites_apart_and_fit_the_gate_on_every_domain(bench):
+    work = bench["root"] / "work"
+    for arm in ("federated", "federated+GIN"):
+        log = [json.loads(x) for x in (work / "fed" / "seed0" / arm / "federation" / "rounds.jsonl").read_text()
+               .splitlines() if x.strip()]
+        for e in log:
+            sites = {p["site"]: p["domain"] for p in e["participants"]}
+            assert sorted(sites.values()) == sorted(SITES), e["participants"]  # one site id per site
+            assert e["gate"]["sites"] == {d: 1 for d in SITES} and e["gate"]["never_chosen"] == []
+
+
 def test_real_flower_round_bytes_and_overhead(bench):
     fl = bench["json"]["flower"]
     assert fl["ok"], fl.get("error")

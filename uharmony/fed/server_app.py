@@ -233,8 +233,10 @@ class UHarmonyStrategy(FedAvg):
         """(site, reply) for each reply. Flower's own error replies (a site that stopped sending heartbeats)
         come from the SuperLink, node 1, and name only the instruction they answer: the grid wrote that
         instruction's id into the message we sent."""
-        sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self.outbox}
-        return [(sent.get(r.metadata.reply_to_message_id, int(r.metadata.src_node_id)), r) for r in replies]
+        sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self.outbox if m.metadata.message_id}
+        # Messages that never passed a SuperLink (the benchmark's in-process rounds) have no id: the sender
+        # then names itself.
+        return [(sent.get(r.metadata.reply_to_message_id) or int(r.metadata.src_node_id), r) for r in replies]
 
     def wait_for_sites(self, grid: Grid, round_no: int) -> list[int]:
         need = int(self.s["min_sites"])
