@@ -56,6 +56,20 @@ def test_a_domain_without_sites_keeps_its_parameters():
     assert new["gate.classifier.mri.weight"].tolist() == [2.0, 2.0]  # the gate learns from every site
 
 
+def test_server_learning_rate_scales_the_step_from_the_global_model():
+    g = glob(1.0)
+    g["heads.mri.weight"][:] = 7.0
+    g["step"] = np.array([3], np.int64)  # not a float array: never extrapolated
+    ups = [Update("1", "ct", 10, arrays(2.0, "ct")), Update("2", "mri", 10, arrays(4.0, "mri"))]
+    plain, fast = aggregate(g, ups, DOMAINS), aggregate(g, ups, DOMAINS, server_lr=2.0)
+    assert plain["backbone.conv.weight"].tolist() == [3.0, 3.0]  # the mean of 2 and 4
+    assert fast["backbone.conv.weight"].tolist() == [5.0, 5.0]  # 1 + 2 x (3 - 1)
+    assert fast["heads.ct.weight"].tolist() == [3.0, 3.0]  # 1 + 2 x (2 - 1): a domain's own too
+    assert fast["heads.mri.weight"].tolist() == [1.0, 1.0]  # 7 + 2 x (4 - 7)
+    assert fast["backbone.conv.weight"].dtype == np.float32 and fast["step"] is g["step"]
+    assert aggregate(g, [], DOMAINS, server_lr=2.0)["heads.mri.weight"].tolist() == [7.0, 7.0]
+
+
 def test_plain_fedavg_switch_averages_everything_with_the_same_weights():
     ups = [Update("1", "ct", 10, arrays(1.0)), Update("2", "mri", 30, arrays(3.0))]
     new = aggregate(glob(), ups, DOMAINS, mode="fedavg")

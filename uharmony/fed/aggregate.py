@@ -78,8 +78,11 @@ def _average(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
 
 
 def aggregate(global_arrays: dict[str, np.ndarray], updates: list[Update], domains: list[str],
-              mode: str = "uharmony") -> dict[str, np.ndarray]:
-    """The new global arrays from the accepted updates (arrays no update carries stay as they are)."""
+              mode: str = "uharmony", server_lr: float = 1.0) -> dict[str, np.ndarray]:
+    """The new global arrays from the accepted updates (arrays no update carries stay as they are).
+
+    ``server_lr`` scales the step from the global arrays to the average (FedAvg with a server learning
+    rate; 1.0 is plain averaging)."""
     if mode not in MODES:
         raise ValueError(f"aggregation mode must be one of {MODES}, not {mode!r}")
     out = dict(global_arrays)
@@ -97,6 +100,10 @@ def aggregate(global_arrays: dict[str, np.ndarray], updates: list[Update], domai
                 continue
         if holders:
             out[key] = _average([u.arrays[key] for u in holders], [weights[id(u)] for u in holders])
+    if server_lr != 1.0:
+        for key, g in global_arrays.items():
+            if out[key] is not g and np.issubdtype(g.dtype, np.floating):
+                out[key] = (g + server_lr * (out[key].astype(np.float64) - g)).astype(g.dtype)
     return out
 
 

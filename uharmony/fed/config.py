@@ -65,6 +65,7 @@ class FedConfig:
     gate_features: str = "contrast"  # negative-free gate's fixed features: contrast (pretrained encoder) or random
     gate_pretrain_steps: int = 1500  # steps of the contrast encoder's pretraining (cached per gate shape)
     gate_pretrain_views: int = 1800  # random-contrast synthetic views it pretrains on
+    server_lr: float = 2.0  # server learning rate: the global model moves this many times the sites' mean update (1: plain FedAvg)
     reject_factor: float = 10.0  # reject updates whose norm exceeds this x the median of accepted norms
     evaluate: bool = True  # sites evaluate the new global model on their own cases every round
     train: FedTrainConfig = field(default_factory=FedTrainConfig)
@@ -119,6 +120,7 @@ def _validate(c: FedConfig, where) -> None:
     need(c.gate_features in GATE_FEATURES, "gate_features", f"must be one of {', '.join(GATE_FEATURES)}")
     need(c.gate_pretrain_steps >= 1, "gate_pretrain_steps", "must be >= 1")
     need(c.gate_pretrain_views >= 10, "gate_pretrain_views", "must be >= 10")
+    need(0 < c.server_lr <= 10, "server_lr", "must be in (0, 10]")
     need(c.reject_factor > 1, "reject_factor", "must be > 1")
     t = c.train
     need(t.local_steps >= 1, "train.local_steps", "must be >= 1")

@@ -308,7 +308,8 @@ class UHarmonyStrategy(FedAvg):
         self.responders = [int(u.site) for u in updates]
         e["aggregated"] = len(accepted) >= int(self.s["min_sites"])
         if e["aggregated"]:
-            self.global_np = A.aggregate(self.global_np, accepted, self.domains, self.s["aggregation"])
+            self.global_np = A.aggregate(self.global_np, accepted, self.domains, self.s["aggregation"],
+                                         server_lr=float(self.s.get("server_lr", 1.0)))
             self.history += [u.norm for u in accepted]
             if self.stats_dim:
                 self.fit_gate(accepted)
