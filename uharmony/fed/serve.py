@@ -97,7 +97,7 @@ def last_round(out: Path) -> tuple[int, list[float]]:
 
 def _contrast_encoder(cfg: FedConfig, log) -> str | None:
     """A new federation's negative-free gate features: the cached contrast encoder, pretrained here the
-    first time (minutes on a CPU, once per gate shape), so the ServerApp only loads it."""
+    first time (minutes to an hour on a CPU, once per gate shape), so the ServerApp only loads it."""
     from uharmony.fed.server_app import contrast_encoder_file, uses_contrast_encoder
 
     s = cfg.to_dict()
