@@ -95,7 +95,7 @@ def last_round(out: Path) -> tuple[int, list[float]]:
     return last, history
 
 
-def _contrast_encoder(cfg: FedConfig, log) -> str | None:
+def _contrast_encoder(cfg: FedConfig, reporter: Reporter, log) -> str | None:
     """A new federation's negative-free gate features: the cached contrast encoder, pretrained here the
     first time (minutes to an hour on a CPU, once per gate shape), so the ServerApp only loads it."""
     from uharmony.fed.server_app import contrast_encoder_file, uses_contrast_encoder
@@ -103,15 +103,8 @@ def _contrast_encoder(cfg: FedConfig, log) -> str | None:
     s = cfg.to_dict()
     if not uses_contrast_encoder(s):
         return None
-    shown: dict[str, int] = {}
-
-    def progress(stage: str, i: int, n: int) -> None:
-        tenth = 10 * i // n
-        if shown.get(stage, -1) < tenth:
-            shown[stage] = tenth
-            log(f"pretraining the gate's contrast encoder (once per gate shape): {stage} {i}/{n}")
-
-    return str(contrast_encoder_file(s, progress))
+    log("the gate's contrast encoder: loading it, or pretraining it first if this gate shape has none cached")
+    return str(contrast_encoder_file(s, lambda stage, i, n: reporter.progress(f"contrast encoder {stage}", i, n)))
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -138,7 +131,7 @@ def run_serve(config_path: str, reporter: Reporter | None = None) -> int:
         log(f"the federation finished already: round {done} of {cfg.rounds} is in {out / ROUND_LOG}")
         reporter.result([out / GLOBAL], {"rounds": done})
         return 0
-    encoder = _contrast_encoder(cfg, log) if not done else None
+    encoder = _contrast_encoder(cfg, reporter, log) if not done else None
     (out / "superlink").mkdir(exist_ok=True)
     cmd = [flower.tool("flower-superlink"), "--host", host, "--port", str(port),
            "--database", str(out / "superlink" / "state.db"), "--disable-runtime-dependency-installation"]
