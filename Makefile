@@ -9,7 +9,7 @@ PY      = $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX   ?=
 
-.PHONY: demo test venv clean brain-model
+.PHONY: demo test venv clean brain-model contrast-encoder
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ brain-model: $(VENV)/.base
 	$(PY) -m uharmony.train.brain data --out work/heads
 	$(PY) -m uharmony.train.brain train --data work/heads --out work/brain
 	$(PY) -m uharmony.train.brain finish --model work/brain --data work/heads --install
+
+# Rebuild the federated gate's shipped contrast encoder for the default gate shape (about 1 h on 2 CPU
+# cores; never in CI). See docs/federation.md.
+contrast-encoder: $(VENV)/.base
+	$(PY) -m uharmony.train.contrast
 
 test: $(VENV)/.test
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q Testing

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from uharmony.data import heads
+from uharmony.data.preprocess import normalize_intensity
 from uharmony.model.gate import DomainGate
 from uharmony.train import contrast
 
@@ -86,3 +87,52 @@ def test_fed_toml_refuses_an_unknown_gate_feature_kind(tmp_path):
         load_fed_config(tmp_path / "fed.toml")
     (tmp_path / "fed.toml").write_text('domains = ["a"]\ngate_features = "random"\n')
     assert load_fed_config(tmp_path / "fed.toml").gate_features == "random"
+
+
+def test_reference_features_are_deterministic_and_their_views_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("UHARMONY_DATA", str(tmp_path / "sources"))
+    torch.manual_seed(0)
+    gate = DomainGate(1, ["a"], (8, 8, 8), (4, 8))
+    first = contrast.reference_features(gate, views=12)
+    assert first.shape == (12, 8) and first.dtype == np.float64 and np.isfinite(first).all()
+    assert len({tuple(np.round(f, 6)) for f in first}) == 12  # twelve different heads and contrasts
+    cached = list((tmp_path / "contrast-encoder").iterdir())
+    assert [p.name.startswith("reference-1-8x8x8-12-") for p in cached] == [True]
+    monkeypatch.setattr(contrast, "contrast_views", lambda *a, **k: pytest.fail("views not taken from the cache"))
+    np.testing.assert_array_equal(contrast.reference_features(gate, views=12), first)
+    assert gate.training  # the gate's mode is left as it was
+
+
+def test_the_default_gate_shape_uses_the_encoder_shipped_in_the_package(tmp_path, monkeypatch):
+    """A first `uharmony fed serve` with the default gate does not pretrain (an hour on a CPU); the shipped
+    encoder's features tell the benchmark's modalities apart by LDA on fresh heads."""
+    from uharmony.fed.aggregate import FeatureStats, fit_gate_lda
+    from uharmony.fed.config import FedConfig
+
+    monkeypatch.setenv("UHARMONY_DATA", str(tmp_path / "sources"))
+    monkeypatch.setattr(contrast, "pretrain_gate_features", lambda *a, **k: pytest.fail("pretrained again"))
+    cfg = FedConfig()
+    path = contrast.ensure_encoder(len(cfg.channels), cfg.gate.input_size, cfg.gate.filters,
+                                   steps=cfg.gate_pretrain_steps, views=cfg.gate_pretrain_views)
+    assert path.parent == contrast.SHIPPED_DIR and not (tmp_path / "contrast-encoder").exists()
+    gate = DomainGate(1, ["a"], cfg.gate.input_size, cfg.gate.filters)
+    info = contrast.load_encoder(gate, path)
+    assert info["steps"] == cfg.gate_pretrain_steps and str(cfg.gate_pretrain_views) in info["data"]
+    assert info["held_loss_after"] < 0.5 * info["held_loss_before"]
+    gate.eval()
+    feats, atlas = {}, heads.build_atlas()
+    for d in heads.BENCH_TRAIN_DOMAINS:  # 12 heads per domain to fit on (as a benchmark site has), 4 to route
+        views = []
+        for k in range(16):
+            head = heads.make_head(70000 + k, atlas=atlas, spacing=4.0)
+            img, _ = heads.render(head, d, 70000 + k, spacing=4.0)
+            views.append(torch.nn.functional.interpolate(normalize_intensity(torch.from_numpy(img)[None])[None],
+                                                         size=tuple(cfg.gate.input_size), mode="trilinear")[0])
+        with torch.no_grad():
+            feats[d] = gate(torch.stack(views))[1][:, -gate.pooled_dim:].double().numpy()
+    domains = list(heads.BENCH_TRAIN_DOMAINS)
+    rows, _ = fit_gate_lda({d: FeatureStats.of(f[:12]) for d, f in feats.items()}, domains)
+    for i, d in enumerate(domains):
+        logits = np.stack([feats[d][12:] @ rows[f"gate.classifier.{e}.weight"][0] + rows[f"gate.classifier.{e}.bias"][0]
+                           for e in domains], 1)
+        assert list(logits.argmax(1)) == [i] * 4, d

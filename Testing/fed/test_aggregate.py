@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from uharmony.fed.aggregate import Update, aggregate, balanced_weights, screen
+from uharmony.fed.aggregate import FeatureStats, Update, aggregate, balanced_weights, screen
 
 DOMAINS = ["ct", "mri"]
 KEYS = ["backbone.conv.weight", "backbone.norm.harmony.ct.beta", "backbone.norm.harmony.mri.beta",
@@ -198,6 +198,44 @@ def test_oas_shrinkage_grows_as_cases_per_feature_shrink():
     few, many = oas_shrinkage(cov(12), 11), oas_shrinkage(cov(2000), 1999)
     assert 0.5 < few <= 1.0 and 0.0 <= many < few
     assert oas_shrinkage(np.eye(20), 5) == 1.0  # already spherical: all the way
+
+
+# -- screening a site's gate statistics ---------------------------------------------------------------
+
+
+def test_statistics_of_real_cases_pass_with_spread_and_offset_in_reference_units():
+    from uharmony.fed.aggregate import FeatureStats, screen_stats
+
+    rng = np.random.default_rng(5)
+    reference = FeatureStats.of(rng.normal(size=(400, 6)) * 2.0)  # variance per case ~ 6 x 4
+    ref_var = np.trace(reference.scatter) / 399
+    site = rng.normal(size=(9, 6)) * 0.5 + np.r_[3.0, np.zeros(5)]
+    why, measures = screen_stats(FeatureStats.of(site), 9, reference, limit=10.0)
+    assert why is None
+    stats = FeatureStats.of(site)
+    assert measures["spread"] == pytest.approx(np.sqrt(np.trace(stats.scatter) / 8 / ref_var), abs=1e-4)
+    assert measures["offset"] == pytest.approx(np.linalg.norm(stats.mean - reference.mean) / np.sqrt(ref_var), abs=1e-4)
+    assert 0.1 < measures["spread"] < 0.5 and 0.4 < measures["offset"] < 1.0
+    assert screen_stats(FeatureStats.of(site), 9) == (None, {})  # structure only, without a reference
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (lambda s: FeatureStats(s.count + 1, s.mean, s.scatter), "statistics over 10 cases for an update of 9"),
+    (lambda s: FeatureStats(s.count, s.mean, s.scatter + np.triu(np.ones_like(s.scatter), 1)), "not symmetric"),
+    (lambda s: FeatureStats(s.count, s.mean, s.scatter - 2 * np.trace(s.scatter) * np.eye(6)), "negative eigenvalue"),
+    (lambda s: FeatureStats(3, s.mean, s.scatter), "rank"),  # 6 independent directions from 3 cases
+    (lambda s: FeatureStats(s.count, s.mean, s.scatter * 1e4), "gate feature spread"),
+    (lambda s: FeatureStats(s.count, s.mean + 50.0, s.scatter), "gate feature offset"),
+])
+def test_implausible_statistics_are_refused_with_the_reason(tamper, reason):
+    from uharmony.fed.aggregate import FeatureStats, screen_stats
+
+    rng = np.random.default_rng(6)
+    reference = FeatureStats.of(rng.normal(size=(400, 6)))
+    genuine = FeatureStats.of(rng.normal(size=(9, 6)))
+    bad = tamper(genuine)
+    why, _ = screen_stats(bad, 3 if bad.count == 3 else 9, reference, limit=10.0)
+    assert why is not None and reason in why
 
 
 def test_gate_statistics_file_round_trips_for_a_restarted_coordinator(tmp_path):

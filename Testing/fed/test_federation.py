@@ -105,6 +105,10 @@ def test_negative_free_gate_is_fitted_from_the_accepted_sites_statistics(federat
     # round 1: sites A (synth-t1, 2 cases) and C (synth-t1, 3) pooled, B (synth-t2, 2)
     assert first["gate"]["fitted_on"] == {"synth-t1": 5, "synth-t2": 2} and first["gate"]["never_chosen"] == []
     assert first["gate"]["sites"] == {"synth-t1": 2, "synth-t2": 1} and first["gate"]["from_earlier_rounds"] == []
+    # every site's statistics were plausible: within the spread of synthetic heads in every contrast
+    assert first["gate"]["stats_rejected"] == [] and second["gate"]["stats_rejected"] == []
+    assert len(first["gate"]["stats_plausibility"]) == 3
+    assert all(0 <= m["spread"] < 10 and 0 < m["offset"] < 10 for m in first["gate"]["stats_plausibility"].values())
     # round 2: C's update was rejected, but its round-1 statistics (of the same fixed features) still count
     site_c = second["rejected"][0]["site"]
     assert site_c in {p["site"] for p in first["participants"] if p["samples"] == 3}  # the same node id

@@ -177,3 +177,36 @@ def test_anything_outside_the_whitelist_is_refused(round_messages, monkeypatch, 
     with pytest.raises(ValueError):
         M.check_reply(RecordDict(records), kind="train", expected=strategy.expected, domains=strategy.domains,
                       classes=strategy.classes[1:], gate_stats_dim=strategy.stats_dim)
+
+
+def test_the_coordinator_uses_plausible_gate_statistics_and_ignores_implausible_ones(round_messages, monkeypatch):
+    """A real site's statistics lie within the synthetic heads' spread; scaled-up or shifted ones are
+    logged and not used, and the site's earlier statistics stay."""
+    from uharmony.fed import aggregate as A
+    from uharmony.fed import messages as M
+
+    strategy, reply = _reply(round_messages, "train", monkeypatch)
+    stats = M.read_gate_stats(reply.content["gate-stats"], strategy.stats_dim)
+    ref = strategy.stats_reference
+    assert ref.count == 96 and ref.mean.shape == (strategy.stats_dim,)
+    monkeypatch.setattr(strategy, "site_stats", {})
+    monkeypatch.setattr(strategy, "global_np", dict(strategy.global_np))
+    monkeypatch.setattr(strategy, "entry", {})
+
+    def fit(site_stats):
+        strategy.fit_gate([A.Update(site="7", domain="synth-t1", samples=2, arrays={}, extra={"gate_stats": site_stats})])
+        return strategy.entry["gate"]
+
+    gate = fit(stats)
+    assert gate["stats_rejected"] == [] and strategy.site_stats["7"][1] is stats
+    measured = gate["stats_plausibility"]["7"]
+    assert 0 <= measured["spread"] < 10 and 0 < measured["offset"] < 10
+    rows = {k: strategy.global_np[k].copy() for k in strategy.global_np if k.startswith("gate.classifier.")}
+    for bad, what in ((A.FeatureStats(2, stats.mean, stats.scatter * 1e6), "spread"),
+                      (A.FeatureStats(2, ref.mean + 100 * (stats.mean - ref.mean), stats.scatter), "offset")):
+        gate = fit(bad)
+        assert [r["site"] for r in gate["stats_rejected"]] == ["7"] and what in gate["stats_rejected"][0]["reason"]
+        assert gate["stats_plausibility"]["7"][what] > 10
+        assert strategy.site_stats["7"][1] is stats and gate["from_earlier_rounds"] == ["7"]
+        for k, v in rows.items():  # the gate is fitted as before
+            np.testing.assert_array_equal(strategy.global_np[k], v)

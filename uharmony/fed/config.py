@@ -67,6 +67,7 @@ class FedConfig:
     gate_pretrain_views: int = 1800  # random-contrast synthetic views it pretrains on
     server_lr: float = 2.0  # server learning rate: the global model moves this many times the sites' mean update (1: plain FedAvg)
     reject_factor: float = 10.0  # reject updates whose norm exceeds this x the median of accepted norms
+    gate_stats_limit: float = 5.0  # ignore a site's gate statistics beyond this many SDs of synthetic heads in every contrast
     evaluate: bool = True  # sites evaluate the new global model on their own cases every round
     train: FedTrainConfig = field(default_factory=FedTrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -120,6 +121,7 @@ def _validate(c: FedConfig, where) -> None:
     need(c.gate_features in GATE_FEATURES, "gate_features", f"must be one of {', '.join(GATE_FEATURES)}")
     need(c.gate_pretrain_steps >= 1, "gate_pretrain_steps", "must be >= 1")
     need(c.gate_pretrain_views >= 10, "gate_pretrain_views", "must be >= 10")
+    need(c.gate_stats_limit > 0, "gate_stats_limit", "must be > 0")
     need(0 < c.server_lr <= 10, "server_lr", "must be in (0, 10]")
     need(c.reject_factor > 1, "reject_factor", "must be > 1")
     t = c.train

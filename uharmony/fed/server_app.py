@@ -141,6 +141,14 @@ def contrast_encoder_file(s: dict, progress=None) -> Path:
                           progress=progress)
 
 
+def gate_stats_reference(model) -> A.FeatureStats:
+    """What the fixed gate's features look like on synthetic heads in every contrast: sites' statistics
+    are screened against it (`aggregate.screen_stats`)."""
+    from uharmony.train.contrast import reference_features
+
+    return A.FeatureStats.of(reference_features(model.gate))
+
+
 def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
     from uharmony import __version__
     from uharmony.data.preprocess import DEFAULT_NORMALIZATION
@@ -210,6 +218,7 @@ class UHarmonyStrategy(FedAvg):
         # so a site that misses a round (or whose update is rejected) still describes its data.
         self.site_stats = load_gate_stats(stats_file, self.domains) if s.get("resume_from") and stats_file.exists() \
             else {}
+        self.stats_reference = gate_stats_reference(model) if self.stats_dim else None
         self.expected = {k: (v.shape, str(v.dtype)) for k, v in self.global_np.items()}
         self.history: list[float] = list(s.get("history", []))
         self.offset = int(s.get("start_round", 1)) - 1
@@ -321,9 +330,18 @@ class UHarmonyStrategy(FedAvg):
         return M.to_arrays(self.global_np), metrics
 
     def fit_gate(self, accepted: list[A.Update]) -> None:
-        """Negative-free gate: keep each accepted site's latest statistics, pool them per domain, LDA on all."""
+        """Negative-free gate: keep each accepted site's latest plausible statistics, pool them per domain,
+        LDA on all."""
+        measured, refused = {}, []
         for u in accepted:
-            self.site_stats[u.site] = (u.domain, u.extra["gate_stats"])
+            why, measures = A.screen_stats(u.extra["gate_stats"], u.samples, self.stats_reference,
+                                           float(self.s["gate_stats_limit"]))
+            if measures:
+                measured[u.site] = measures
+            if why:
+                refused.append({"site": u.site, "domain": u.domain, "reason": why})
+            else:
+                self.site_stats[u.site] = (u.domain, u.extra["gate_stats"])
         by_domain: dict[str, list] = {}
         for domain, st in self.site_stats.values():
             by_domain.setdefault(domain, []).append(st)
@@ -331,12 +349,13 @@ class UHarmonyStrategy(FedAvg):
         rows, shrinkage = A.fit_gate_lda(gate_stats, self.domains)
         self.global_np.update(rows)
         save_gate_stats(self.out / GATE_STATS_FILE, self.site_stats)
-        fresh = {u.site for u in accepted}
+        fresh = {u.site for u in accepted} - {r["site"] for r in refused}
         self.entry["gate"] = {"fitted_on": {d: gate_stats[d].count for d in self.domains if d in gate_stats},
                               "sites": {d: len(by_domain[d]) for d in self.domains if d in by_domain},
                               "from_earlier_rounds": sorted(s for s in self.site_stats if s not in fresh),
                               "never_chosen": [d for d in self.domains if d not in gate_stats],
-                              "shrinkage": round(shrinkage, 4)}
+                              "shrinkage": round(shrinkage, 4),
+                              "stats_plausibility": measured, "stats_rejected": refused}
 
     # -- evaluation --------------------------------------------------------------------------
     def configure_evaluate(self, server_round, arrays, config, grid):

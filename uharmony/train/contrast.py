@@ -29,12 +29,18 @@ import torch.nn.functional as F
 
 from uharmony.model.gate import DomainGate
 
-__all__ = ["contrast_views", "encoder_file", "ensure_encoder", "load_encoder", "pretrain_gate_features"]
+__all__ = ["contrast_views", "encoder_file", "ensure_encoder", "load_encoder", "pretrain_gate_features",
+           "reference_features"]
 
 FORMAT = 1  # part of the cache key: change it when the data or the objective change
 RENDERS_PER_HEAD = 3
 SPACING_MM = 4.0  # coarse: the gate sees a 24-32^3 view of the whole head anyway
 SEED_BASE = 900000  # anatomy seeds far from every training, benchmark and test range
+REFERENCE_SEED_BASE = 990000  # the reference views' anatomy: never pretrained on
+REFERENCE_VIEWS = 96
+# Encoders shipped in the package (`python -m uharmony.train.contrast` rebuilds the default gate's): a
+# first `uharmony fed serve` with that gate then starts at once instead of pretraining for an hour on a CPU.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "contrast-encoder"
 
 
 def _described():
@@ -43,8 +49,8 @@ def _described():
     return (heads.CSF, heads.GREY, heads.WHITE, heads.SKULL, heads.SCALP, heads.FAT, heads.MARROW)
 
 
-def contrast_views(n_views: int, input_size, channels: int = 1, *, progress: Callable[[int, int], None] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def contrast_views(n_views: int, input_size, channels: int = 1, *, progress: Callable[[int, int], None] | None = None,
+                   seed_base: int = SEED_BASE) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_views`` gate views (N, C, *input_size) of random-contrast heads and their descriptions (N, 7 C).
 
     Each head is rendered RENDERS_PER_HEAD times (each channel its own random contrast), normalised as
@@ -60,7 +66,7 @@ def contrast_views(n_views: int, input_size, channels: int = 1, *, progress: Cal
     views, desc = [], []
     n_heads = math.ceil(n_views / RENDERS_PER_HEAD)
     for h in range(n_heads):
-        seed = SEED_BASE + h
+        seed = seed_base + h
         head = heads.make_head(seed, atlas=atlas, spacing=SPACING_MM)
         tissue = torch.from_numpy(head.tissue.astype(np.int64))
         masks = [(tissue == c) for c in described]
@@ -157,13 +163,15 @@ def encoder_file(in_channels: int, input_size, filters, *, steps: int, views: in
 
 def ensure_encoder(in_channels: int, input_size, filters, *, steps: int, views: int, seed: int = 0,
                    progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """The cached encoder file for this gate shape, pretrained first (on the GPU if there is one) if
-    there is none yet."""
+    """The encoder file for this gate shape: the one shipped in the package, else the cached one,
+    pretrained first (on the GPU if there is one) if there is none yet."""
     from safetensors.torch import save_file
 
     from uharmony.device import choose_device
 
     path = encoder_file(in_channels, input_size, filters, steps=steps, views=views, seed=seed)
+    if (SHIPPED_DIR / path.name).is_file():
+        return SHIPPED_DIR / path.name
     if path.is_file():
         return path
     gate = DomainGate(in_channels, ["any"], input_size, filters)
@@ -191,3 +199,62 @@ def load_encoder(gate: DomainGate, path: Path) -> dict:
         raise ValueError(f"{path}: the contrast encoder does not fit this gate (other filters or channels)")
     gate.convs.load_state_dict(weights)
     return info
+
+
+def reference_features(gate: DomainGate, views: int = REFERENCE_VIEWS) -> np.ndarray:
+    """The gate's pooled features (views, F) on synthetic heads in random contrasts, float64.
+
+    What any head scan, in any contrast, may look like to this gate: the coordinator screens the
+    feature statistics a site sends against them. The views (anatomy seeds never pretrained on)
+    depend only on the gate's input shape and are cached; the features are computed fresh.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from uharmony.data.sources import cache_root
+
+    channels = gate.convs[0].in_channels
+    key = f"reference-{channels}-{'x'.join(map(str, gate.input_size))}-{views}-{FORMAT}.safetensors"
+    path = cache_root().parent / "contrast-encoder" / key
+    if path.is_file():
+        x = load_file(str(path))["views"]
+    else:
+        x, _ = contrast_views(views, gate.input_size, channels, seed_base=REFERENCE_SEED_BASE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        save_file({"views": x.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    device = next(gate.parameters()).device
+    was_training = gate.training
+    gate.eval()
+    with torch.no_grad():
+        feats = torch.cat([gate(x[i:i + 32].to(device))[1][:, -gate.pooled_dim:] for i in range(0, len(x), 32)])
+    gate.train(was_training)
+    return feats.double().cpu().numpy()
+
+
+def main(argv=None) -> int:
+    """Pretrain the encoder of the default gate shape and fed.toml settings into the package (SHIPPED_DIR)."""
+    import argparse
+    import shutil
+
+    from uharmony.fed.config import FedConfig
+    from uharmony.progress import Reporter
+
+    argparse.ArgumentParser(description=main.__doc__).parse_args(argv)
+    cfg = FedConfig()
+    reporter = Reporter("auto")
+    args = (len(cfg.channels), cfg.gate.input_size, cfg.gate.filters)
+    settings = {"steps": cfg.gate_pretrain_steps, "views": cfg.gate_pretrain_views}
+    shipped = SHIPPED_DIR / encoder_file(*args, **settings).name
+    if shipped.is_file():
+        print(f"already shipped: {shipped}")
+        return 0
+    path = ensure_encoder(*args, **settings, progress=lambda stage, i, n: reporter.progress(f"contrast encoder {stage}", i, n))
+    SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, shipped)
+    print(f"shipped: {shipped}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
