@@ -70,6 +70,15 @@ def test_server_learning_rate_scales_the_step_from_the_global_model():
     assert aggregate(g, [], DOMAINS, server_lr=2.0)["heads.mri.weight"].tolist() == [7.0, 7.0]
 
 
+@pytest.mark.parametrize("keys, want", [("", 2.0), ('aggregation = "fedavg"', 1.0),
+                                        ('aggregation = "fedavg"\nserver_lr = 1.5', 1.5), ("server_lr = 1.0", 1.0)])
+def test_plain_fedavg_mode_is_plain_fedavg_unless_a_server_lr_is_set(tmp_path, keys, want):
+    from uharmony.fed.config import load_fed_config
+
+    (tmp_path / "fed.toml").write_text(f'domains = ["a", "b"]\n{keys}\n')
+    assert load_fed_config(tmp_path / "fed.toml").server_lr == want
+
+
 def test_plain_fedavg_switch_averages_everything_with_the_same_weights():
     ups = [Update("1", "ct", 10, arrays(1.0)), Update("2", "mri", 30, arrays(3.0))]
     new = aggregate(glob(), ups, DOMAINS, mode="fedavg")

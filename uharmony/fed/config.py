@@ -65,7 +65,7 @@ class FedConfig:
     gate_features: str = "contrast"  # negative-free gate's fixed features: contrast (pretrained encoder) or random
     gate_pretrain_steps: int = 1500  # steps of the contrast encoder's pretraining (cached per gate shape)
     gate_pretrain_views: int = 1800  # random-contrast synthetic views it pretrains on
-    server_lr: float = 2.0  # server learning rate: the global model moves this many times the sites' mean update (1: plain FedAvg)
+    server_lr: float = 2.0  # server learning rate: the global model moves this many times the sites' mean update (1: plain FedAvg, the default with aggregation = "fedavg")
     reject_factor: float = 10.0  # reject updates whose norm exceeds this x the median of accepted norms
     gate_stats_limit: float = 5.0  # ignore a site's gate statistics beyond this many SDs of synthetic heads in every contrast
     evaluate: bool = True  # sites evaluate the new global model on their own cases every round
@@ -159,6 +159,8 @@ def load_fed_config(path: str | Path) -> FedConfig:
     if "base" in values:
         _fail("unknown key 'base'", where)
     config = _fill(FedConfig, values, "", where, set())
+    if config.aggregation == "fedavg" and "server_lr" not in values:
+        config.server_lr = 1.0  # the FedGIN paper's setting is plain FedAvg; server_lr 2 was tuned for uharmony
     config.base = p.resolve().parent
     _validate(config, where)
     return config
