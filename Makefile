@@ -35,7 +35,7 @@ brain-model: $(VENV)/.base
 	$(PY) -m uharmony.train.brain train --data work/heads --out work/brain
 	$(PY) -m uharmony.train.brain finish --model work/brain --data work/heads --install
 
-# Rebuild the federated gate's shipped contrast encoder for the default gate shape (about 1 h on 2 CPU
+# Rebuild the federated gate's shipped contrast encoder for the default gate shape (about 45 min on 2 CPU
 # cores; never in CI). See docs/federation.md.
 contrast-encoder: $(VENV)/.base
 	$(PY) -m uharmony.train.contrast

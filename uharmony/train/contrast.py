@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from uharmony.data.io import atomic_output
 from uharmony.model.gate import DomainGate
 
 __all__ = ["contrast_views", "encoder_file", "ensure_encoder", "load_encoder", "pretrain_gate_features",
@@ -179,10 +179,9 @@ def ensure_encoder(in_channels: int, input_size, filters, *, steps: int, views: 
                                   progress=progress)
     gate.cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in gate.convs.state_dict().items()}, str(tmp),
-              metadata={"info": json.dumps(info)})
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file({k: v.contiguous() for k, v in gate.convs.state_dict().items()}, tmp,
+                  metadata={"info": json.dumps(info)})
     return path
 
 
@@ -220,9 +219,8 @@ def reference_features(gate: DomainGate, views: int = REFERENCE_VIEWS) -> np.nda
     else:
         x, _ = contrast_views(views, gate.input_size, channels, seed_base=REFERENCE_SEED_BASE)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        save_file({"views": x.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            save_file({"views": x.contiguous()}, tmp)
     device = next(gate.parameters()).device
     was_training = gate.training
     gate.eval()
