@@ -164,3 +164,19 @@ def test_gate_calibration_separates_an_unseen_distribution():
     near = model.gate.unfamiliar_score(torch.randn(10, model.gate.features, generator=g))
     far = model.gate.unfamiliar_score(torch.randn(10, model.gate.features, generator=g) - 6.0)
     assert near.max() < 2.0 < far.min()
+
+
+def test_unfamiliar_score_leaves_out_domains_without_a_gaussian():
+    """A federated domain no site has described yet (count 0, mean 0, variance 1) must not make inputs near
+    zero familiar; a model with no Gaussian at all keeps the plain distance (its threshold never fires)."""
+    model = tiny()
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(40, model.gate.features, generator=g) + 3.0
+    near_zero = 0.1 * torch.randn(5, model.gate.features, generator=g)
+    uncalibrated = model.gate.unfamiliar_score(near_zero)
+    assert uncalibrated.max() < 0.1  # the default Gaussians sit at zero
+    model.gate.fit_calibration(feats, torch.zeros(40, dtype=torch.long))  # the first domain only
+    assert float(model.gate.calibration[model.gate.domains[1]].count) == 0
+    scores = model.gate.unfamiliar_score(near_zero)
+    assert scores.min() > 5.0  # far from the one fitted domain; the unfitted one is not a refuge
+    torch.testing.assert_close(scores, model.gate.familiarity_distance(near_zero)[:, 0])

@@ -147,6 +147,34 @@ def test_pooled_statistics_equal_those_of_the_union_of_cases():
     assert pooled.count == union.count == 13
     np.testing.assert_allclose(pooled.mean, union.mean, rtol=1e-12)
     np.testing.assert_allclose(pooled.scatter, union.scatter, rtol=1e-10, atol=1e-10)
+    assert pooled.style_mean is None  # no style statistics given: none pooled
+
+
+def test_sites_style_statistics_give_the_unfamiliar_gaussian_of_central_training():
+    """Pooled over three sites, the style and pooled statistics give exactly the Gaussian that
+    `DomainGate.fit_calibration` fits on the union of the cases, variance floor included."""
+    import torch
+
+    from uharmony.fed.aggregate import FeatureStats, familiarity_gaussian, pool
+    from uharmony.model.gate import DomainGate
+
+    gate = DomainGate(1, ["ct"], input_size=(8, 8, 8), filters=(4, 8))
+    dim, style = gate.pooled_dim, gate.features - gate.pooled_dim
+    rng = np.random.default_rng(5)
+    parts = [rng.normal(loc=i, scale=1 + i, size=(n, gate.features)) for i, n in enumerate((4, 7, 2))]
+    parts[1][:, 3] = 0.25  # a constant feature: the floor decides its variance
+    sites = [FeatureStats.of(p[:, -dim:], style=p[:, :-dim]) for p in parts]
+    pooled = pool(sites)
+    assert pooled.count == 13 and pooled.style_mean.shape == pooled.style_scatter.shape == (style,)
+    mean, var = familiarity_gaussian(pooled)
+    union = torch.from_numpy(np.concatenate(parts)).float()
+    gate.fit_calibration(union, torch.zeros(13, dtype=torch.long))
+    np.testing.assert_allclose(mean, gate.calibration["ct"].mean.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var, gate.calibration["ct"].var.numpy(), rtol=1e-5, atol=1e-6)
+    assert familiarity_gaussian(FeatureStats(2, pooled.mean, pooled.scatter)) is None  # no style statistics
+    assert pool([sites[0], FeatureStats(2, pooled.mean, pooled.scatter)]).style_mean is None  # not all parts have them
+    with pytest.raises(ValueError, match="style feature rows"):
+        FeatureStats.of(parts[0][:, -dim:], style=parts[0][:3, :-dim])
 
 
 def _three_gaussians(rng, n):
@@ -257,17 +285,22 @@ def test_gate_statistics_file_round_trips_for_a_restarted_coordinator(tmp_path):
     stats = {"17": ("ct", FeatureStats.of(rng.normal(size=(5, 4)))),
              "42": ("mri-t1", FeatureStats.of(rng.normal(size=(3, 4)))),
              "99": ("mri-t1", FeatureStats.of(rng.normal(size=(2, 4)))),
-             "7": ("gone", FeatureStats.of(rng.normal(size=(2, 4))))}
+             "7": ("gone", FeatureStats.of(rng.normal(size=(2, 4)))),
+             "5": ("ct", FeatureStats.of(rng.normal(size=(4, 4)), style=rng.normal(size=(4, 6))))}
     path = tmp_path / GATE_STATS_FILE
     save_gate_stats(path, stats)
-    assert sorted(load_file(str(path))) == sorted(f"{s}.{k}" for s in stats for k in ("count", "mean", "scatter"))
+    assert sorted(load_file(str(path))) == sorted(
+        [f"{s}.{k}" for s in stats for k in ("count", "mean", "scatter")] + ["5.style-mean", "5.style-scatter"])
     assert [p.name for p in tmp_path.iterdir()] == [GATE_STATS_FILE]  # written via a temporary name, renamed
     back = load_gate_stats(path, ["ct", "mri-t1", "mri-t2"])
-    assert set(back) == {"17", "42", "99"}  # one entry per site; a domain no longer federated is dropped
+    assert set(back) == {"17", "42", "99", "5"}  # one entry per site; a domain no longer federated is dropped
     for site, (domain, st) in back.items():
         assert domain == stats[site][0] and st.count == stats[site][1].count
         np.testing.assert_array_equal(st.mean, stats[site][1].mean)
         np.testing.assert_array_equal(st.scatter, stats[site][1].scatter)
+        assert st.has_style == (site == "5")
+    np.testing.assert_array_equal(back["5"][1].style_mean, stats["5"][1].style_mean)
+    np.testing.assert_array_equal(back["5"][1].style_scatter, stats["5"][1].style_scatter)
 
 
 def test_gate_statistics_file_of_the_per_domain_format_loads_as_one_pseudo_site_per_domain(tmp_path):

@@ -41,7 +41,8 @@ def owned_bytes(package, domain: str) -> tuple[int, int]:
     """(bytes a `domain` site sends, bytes of all arrays) from the package's safetensors file.
 
     With the default negative-free gate a site sends none of the gate's arrays but the float64 count,
-    mean (F) and scatter (F x F) of the gate's pooled features, F = its classifier's input width.
+    mean (F) and scatter (F x F) of the gate's pooled features, F = its classifier's input width, and the mean
+    and scatter diagonal of its style features (S each: the gate's features less those F).
     """
     from safetensors.numpy import load_file
 
@@ -50,7 +51,9 @@ def owned_bytes(package, domain: str) -> tuple[int, int]:
     mine = [a for k, a in arrays.items() if not k.startswith("gate.")
             and not any(f".harmony.{o}." in k or k.startswith(f"heads.{o}.") for o in others)]
     dim = arrays[f"gate.classifier.{domain}.weight"].shape[1]
-    return sum(a.nbytes for a in mine) + 8 * (1 + dim + dim * dim), sum(a.nbytes for a in arrays.values())
+    style = arrays[f"gate.calibration.{domain}.mean"].shape[0] - dim
+    return (sum(a.nbytes for a in mine) + 8 * (1 + dim + dim * dim + 2 * style),
+            sum(a.nbytes for a in arrays.values()))
 
 
 def test_report_table_and_targets(bench):

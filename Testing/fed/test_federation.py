@@ -81,7 +81,7 @@ def test_round_log_has_participants_domains_and_metrics(federation):
     assert first["domains"]["synth-t1"]["sites"] == 2 and first["domains"]["synth-t1"]["samples"] == 5
     for p in parts:  # what the sites sent: whitelisted metrics only
         assert set(p["train"]) <= {"samples", "loss", "dice"}
-        assert set(p["evaluate"]) <= {"samples", "loss", "dice", "gate_accuracy"}
+        assert set(p["evaluate"]) <= {"samples", "loss", "dice", "gate_accuracy", "unfamiliar_max"}
         assert p["bytes_up"] < first["bytes"]["down_per_site"]  # a site sends less than the whole model
 
 
@@ -142,6 +142,22 @@ def test_negative_free_gate_is_fitted_from_the_accepted_sites_statistics(federat
     assert card["gate"]["calibration"]["features"]["kind"] == "contrast encoder"
     assert card["gate"]["calibration"]["features"]["steps"] == 10
     assert card["gate"]["calibration"]["fitted_on"] == {"synth-t1": 5, "synth-t2": 2}
+    # the unfamiliar-input flag: each domain's Gaussian from its sites' statistics, the threshold 1.25 x the
+    # largest validation score the sites reported under that round's model
+    from uharmony.fed.aggregate import familiarity_gaussian
+
+    for d, st in by_domain.items():
+        mean, var = familiarity_gaussian(st)
+        np.testing.assert_allclose(w2[f"gate.calibration.{d}.mean"], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(w2[f"gate.calibration.{d}.var"], var, rtol=1e-5, atol=1e-6)
+        assert float(w2[f"gate.calibration.{d}.count"]) == st.count
+    for e in (first, second):
+        assert e["gate"]["familiarity_fitted"] == ["synth-t1", "synth-t2"]
+        held = e["familiarity"]["held_max"]
+        assert set(held) == {p["site"] for p in e["participants"]} and all(v >= 0 for v in held.values())
+        assert e["familiarity"]["threshold"] == pytest.approx(1.25 * max(held.values()), rel=1e-5)
+    assert card["gate"]["unfamiliar_threshold"] == second["familiarity"]["threshold"] < 1e6
+    assert card["gate"]["calibration"]["held_max_by_site"] == second["familiarity"]["held_max"]
 
 
 def test_sites_emit_round_events(federation):

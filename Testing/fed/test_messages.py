@@ -8,6 +8,7 @@ anything outside the whitelist fails the test (and is refused by the coordinator
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,11 +68,14 @@ def test_train_reply_holds_only_whitelisted_content(round_messages, monkeypatch)
     assert not any(".harmony.synth-t2." in k or k.startswith("heads.synth-t2.") for k in want)
     assert any(".harmony.synth-t1." in k for k in want) and any(k.startswith("heads.synth-t1.") for k in want)
     assert not any(k.startswith("gate.") for k in want)  # the negative-free gate is fixed: nothing of it is sent
-    # ... but the statistics of its pooled features over the site's 2 training cases
-    dim = strategy.model.gate.pooled_dim
+    # ... but the statistics of its pooled features over the site's 2 training cases, and of its style features
+    # the mean and the scatter's diagonal (for the unfamiliar-input score)
+    dim, style = strategy.model.gate.pooled_dim, strategy.style_dim
     stats = {k: v.numpy() for k, v in content["gate-stats"].items()}
     assert {k: (v.shape, str(v.dtype)) for k, v in stats.items()} == {
-        "count": ((1,), "float64"), "mean": ((dim,), "float64"), "scatter": ((dim, dim), "float64")}
+        "count": ((1,), "float64"), "mean": ((dim,), "float64"), "scatter": ((dim, dim), "float64"),
+        "style-mean": ((style,), "float64"), "style-scatter": ((style,), "float64")}
+    assert (stats["style-scatter"] >= 0).all()
     assert stats["count"][0] == 2
     np.testing.assert_allclose(stats["scatter"], stats["scatter"].T)
     assert np.linalg.matrix_rank(stats["scatter"], tol=1e-9) <= 1  # two cases: one direction about their mean
@@ -84,7 +88,10 @@ def test_train_reply_holds_only_whitelisted_content(round_messages, monkeypatch)
                 continue
             assert not isinstance(v, (str, bytes)), (name, k)
     assert M.check_reply(content, kind="train", expected=strategy.expected, domains=strategy.domains,
-                         classes=strategy.classes[1:], gate_stats_dim=dim) == "synth-t1"
+                         classes=strategy.classes[1:], gate_stats_dim=dim, style_dim=style) == "synth-t1"
+    with pytest.raises(ValueError, match="ArrayRecord of count, mean, scatter$"):  # expecting no style arrays
+        M.check_reply(content, kind="train", expected=strategy.expected, domains=strategy.domains,
+                      classes=strategy.classes[1:], gate_stats_dim=dim)
     with pytest.raises(ValueError, match="records"):  # a coordinator with the averaged gate refuses it
         M.check_reply(content, kind="train", expected=strategy.expected, domains=strategy.domains,
                       classes=strategy.classes[1:])
@@ -128,7 +135,8 @@ def test_evaluate_reply_holds_only_whitelisted_content(round_messages, monkeypat
 
 @pytest.mark.parametrize("tamper", ["extra record", "extra metric", "file name", "extra array", "wrong shape",
                                     "other domain's head", "unknown domain", "nan metric", "gate array",
-                                    "stats extra key", "stats nan", "stats shape", "stats one case", "no stats"])
+                                    "stats extra key", "stats nan", "stats shape", "stats one case", "no stats",
+                                    "style negative", "style shape", "style missing"])
 def test_anything_outside_the_whitelist_is_refused(round_messages, monkeypatch, tamper):
     from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
 
@@ -137,7 +145,7 @@ def test_anything_outside_the_whitelist_is_refused(round_messages, monkeypatch, 
     strategy, reply = _reply(round_messages, "train", monkeypatch)
     c = reply.content
     M.check_reply(c, kind="train", expected=strategy.expected, domains=strategy.domains, classes=strategy.classes[1:],
-                  gate_stats_dim=strategy.stats_dim)  # untouched, it passes
+                  gate_stats_dim=strategy.stats_dim, style_dim=strategy.style_dim)  # untouched, it passes
     records = dict(c.items())
     metrics = dict(c["metrics"])
     arrays = c["arrays"]
@@ -160,7 +168,7 @@ def test_anything_outside_the_whitelist_is_refused(round_messages, monkeypatch, 
         metrics["loss"] = float("nan")
     elif tamper == "gate array":  # the fixed gate's weights must not travel (nor change)
         arrays["gate.convs.0.bias"] = Array(strategy.global_np["gate.convs.0.bias"])
-    elif tamper.startswith("stats"):
+    elif tamper.startswith(("stats", "style")):
         stats = {k: v.numpy().copy() for k, v in c["gate-stats"].items()}
         if tamper == "stats extra key":
             stats["features"] = np.zeros((2, len(stats["mean"])))
@@ -168,6 +176,12 @@ def test_anything_outside_the_whitelist_is_refused(round_messages, monkeypatch, 
             stats["mean"][0] = np.nan
         elif tamper == "stats shape":
             stats["scatter"] = stats["scatter"][:-1]
+        elif tamper == "style negative":  # a sum of squares below zero
+            stats["style-scatter"][0] = -1.0
+        elif tamper == "style shape":
+            stats["style-mean"] = stats["style-mean"][:-1]
+        elif tamper == "style missing":
+            stats.pop("style-scatter")
         else:
             stats["count"] = np.ones(1)
         records["gate-stats"] = M.to_arrays(stats)
@@ -176,7 +190,7 @@ def test_anything_outside_the_whitelist_is_refused(round_messages, monkeypatch, 
     records["metrics"] = MetricRecord(metrics)
     with pytest.raises(ValueError):
         M.check_reply(RecordDict(records), kind="train", expected=strategy.expected, domains=strategy.domains,
-                      classes=strategy.classes[1:], gate_stats_dim=strategy.stats_dim)
+                      classes=strategy.classes[1:], gate_stats_dim=strategy.stats_dim, style_dim=strategy.style_dim)
 
 
 def test_the_coordinator_uses_plausible_gate_statistics_and_ignores_implausible_ones(round_messages, monkeypatch):
@@ -186,7 +200,7 @@ def test_the_coordinator_uses_plausible_gate_statistics_and_ignores_implausible_
     from uharmony.fed import messages as M
 
     strategy, reply = _reply(round_messages, "train", monkeypatch)
-    stats = M.read_gate_stats(reply.content["gate-stats"], strategy.stats_dim)
+    stats = M.read_gate_stats(reply.content["gate-stats"], strategy.stats_dim, strategy.style_dim)
     ref = strategy.stats_reference
     assert ref.count == 96 and ref.mean.shape == (strategy.stats_dim,)
     monkeypatch.setattr(strategy, "site_stats", {})
@@ -210,3 +224,78 @@ def test_the_coordinator_uses_plausible_gate_statistics_and_ignores_implausible_
         assert strategy.site_stats["7"][1] is stats and gate["from_earlier_rounds"] == ["7"]
         for k, v in rows.items():  # the gate is fitted as before
             np.testing.assert_array_equal(strategy.global_np[k], v)
+
+
+def test_sites_calibrate_the_unfamiliar_flag_without_sending_a_case(round_messages, monkeypatch, tmp_path):
+    """The coordinator fits each domain's unfamiliar-input Gaussian from the style statistics its sites send:
+    the Gaussian central training fits on the same cases. A site then reports the largest score of its
+    validation cases; the card's threshold is 1.25 x the largest report. The package passes the site's own
+    validation scan and flags noise."""
+    import nibabel as nib
+    import torch
+    from flwr.app import Message, RecordDict
+
+    from uharmony.fed import aggregate as A
+    from uharmony.fed import client_app
+    from uharmony.fed import messages as M
+    from uharmony.fed.server_app import familiarity_threshold, make_card
+    from uharmony.infer.segment import Segmenter
+    from uharmony.model.package import load_portable_state_dict, save_package
+
+    strategy, message, context, settings = round_messages
+    strategy, reply = _reply(round_messages, "train", monkeypatch)
+    assert strategy.style_dim == strategy.model.gate.features - strategy.stats_dim > 0
+    stats = M.read_gate_stats(reply.content["gate-stats"], strategy.stats_dim, strategy.style_dim)
+    assert stats.style_mean.shape == stats.style_scatter.shape == (strategy.style_dim,)
+    monkeypatch.setattr(strategy, "site_stats", {})
+    monkeypatch.setattr(strategy, "global_np", dict(strategy.global_np))
+    monkeypatch.setattr(strategy, "entry", {})
+    strategy.fit_gate([A.Update(site="7", domain="synth-t1", samples=2, arrays={}, extra={"gate_stats": stats})])
+    assert strategy.entry["gate"]["familiarity_fitted"] == ["synth-t1"]  # synth-t2: no site yet, count stays 0
+    assert float(strategy.global_np["gate.calibration.synth-t2.count"]) == 0
+
+    # the same Gaussian as DomainGate.fit_calibration on the site's two training cases
+    config = strategy.round_config(1, 2)
+    rs = client_app.round_settings(config)
+    fresh = M.to_arrays(strategy.global_np)
+    model = client_app.build_model(rs, fresh)
+    site = client_app.load_site(json.loads(settings.read_text()), rs, model.gate.downsample)
+    central = client_app.build_model(rs, fresh).gate
+    central.fit_calibration(client_app.gate_features(model, site.train), torch.zeros(2, dtype=torch.long))
+    fed = model.gate.calibration["synth-t1"]
+    assert float(fed.count) == 2
+    torch.testing.assert_close(fed.mean, central.calibration["synth-t1"].mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fed.var, central.calibration["synth-t1"].var, rtol=1e-5, atol=1e-6)
+
+    # the site's evaluate reply carries its largest validation score, a whitelisted finite number
+    monkeypatch.setenv("UHARMONY_FED_SITE_SETTINGS", str(settings))
+    msg = Message(RecordDict({M.ARRAYS: fresh, M.CONFIG: config}), dst_node_id=7, message_type="evaluate")
+    content = client_app.evaluate(msg, context).content
+    M.check_reply(content, kind="evaluate", expected=strategy.expected, domains=strategy.domains,
+                  classes=strategy.classes[1:])
+    held = M.metrics_dict(content["metrics"])["unfamiliar_max"]
+    expect = float(model.gate.unfamiliar_score(client_app.gate_features(model, site.evaluate)).max())
+    assert held == pytest.approx(expect, rel=1e-5) and held >= 0
+
+    fam = familiarity_threshold([{"site": "7", "evaluate": {"unfamiliar_max": held}}, {"site": "8", "evaluate": {}}])
+    assert fam == {"threshold": round(1.25 * held, 6), "held_max": {"7": held}}
+    entry = {"participants": [], "domains": {}, "gate": strategy.entry["gate"], "familiarity": fam}
+    card = make_card(strategy.s, strategy.arch, 1, entry)
+    assert card["gate"]["unfamiliar_threshold"] == fam["threshold"]
+    assert card["gate"]["calibration"]["held_max_by_site"] == {"7": held}
+    assert "fires on inputs unlike all of them" in card["limitations"][0]
+    assert make_card(strategy.s, strategy.arch, 1, {**entry, "familiarity": None})["gate"]["unfamiliar_threshold"] == 1e6
+
+    load_portable_state_dict(strategy.model, {k: torch.from_numpy(np.array(v)) for k, v in strategy.global_np.items()})
+    save_package(strategy.model, card, tmp_path / "model")
+    val = json.loads(open(json.loads(settings.read_text())["data"]).read())["validation"][0]["image"]
+    val = (Path(json.loads(settings.read_text())["data"]).parent / val)
+    img = nib.load(val)
+    noise = np.random.default_rng(0).normal(size=img.shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(noise, img.affine), tmp_path / "noise.nii.gz")
+    seg = Segmenter(tmp_path / "model", "cpu")
+    own = seg.segment_files([val], tmp_path / "own.nii.gz")["domain"]
+    assert own["unfamiliar_threshold"] == fam["threshold"]
+    assert own["unfamiliar_score"] <= held * 1.01 and not own["unfamiliar"]
+    odd = seg.segment_files([tmp_path / "noise.nii.gz"], tmp_path / "noise-seg.nii.gz")["domain"]
+    assert odd["unfamiliar"] and odd["unfamiliar_score"] > fam["threshold"], odd

@@ -92,13 +92,15 @@ def write_fed_config(folder: Path, cfg: dict):
 
 def site_array_bytes(model, domain: str, fixed_gate: bool = True) -> int:
     """Bytes of the arrays a `domain` site sends: the global model's, by `messages.site_keys`, plus (fixed,
-    negative-free gate) its gate feature statistics: float64 count, mean (F) and scatter (F x F)."""
+    negative-free gate) its gate feature statistics: float64 count, mean (F), scatter (F x F) and the style
+    features' mean and scatter diagonal (S each)."""
     from uharmony.fed import messages as M
     from uharmony.model.package import portable_state_dict
 
     tensors = portable_state_dict(model)
     keys = M.site_keys(list(tensors), list(model.domains), domain, fixed_gate)
-    stats = M.gate_stats_bytes(model.gate.pooled_dim) if fixed_gate else 0
+    dim = model.gate.pooled_dim
+    stats = M.gate_stats_bytes(dim, model.gate.features - dim) if fixed_gate else 0
     return int(sum(tensors[k].numel() * tensors[k].element_size() for k in keys)) + stats
 
 

@@ -111,25 +111,54 @@ def aggregate(global_arrays: dict[str, np.ndarray], updates: list[Update], domai
 
 @dataclass
 class FeatureStats:
-    """What a site says about its domain's gate features: count, mean (F,) and scatter sum((f-m)(f-m)^T) (F, F)."""
+    """What a site says about its domain's gate features: count, mean (F,) and scatter sum((f-m)(f-m)^T) (F, F)
+    of the pooled features the gate's classifier reads; and of its style features (the early layers' channel
+    means and log-stds, which only the unfamiliar-input score reads) the mean (S,) and the scatter's diagonal
+    (S,) (None from a coordinator's file written before these were sent)."""
 
     count: int
     mean: np.ndarray
     scatter: np.ndarray
+    style_mean: np.ndarray | None = None
+    style_scatter: np.ndarray | None = None
 
     @classmethod
-    def of(cls, features: np.ndarray) -> "FeatureStats":
+    def of(cls, features: np.ndarray, style: np.ndarray | None = None) -> "FeatureStats":
         f = np.asarray(features, np.float64)
         mean = f.mean(0)
-        return cls(len(f), mean, (f - mean).T @ (f - mean))
+        if style is None:
+            return cls(len(f), mean, (f - mean).T @ (f - mean))
+        g = np.asarray(style, np.float64)
+        if len(g) != len(f):
+            raise ValueError(f"{len(g)} style feature rows for {len(f)} cases")
+        return cls(len(f), mean, (f - mean).T @ (f - mean), g.mean(0), ((g - g.mean(0)) ** 2).sum(0))
+
+    @property
+    def has_style(self) -> bool:
+        return self.style_mean is not None and self.style_scatter is not None
 
 
 def pool(parts: list[FeatureStats]) -> FeatureStats:
-    """The statistics of the union of the parts' cases (exact)."""
+    """The statistics of the union of the parts' cases (exact); style statistics only when every part has them."""
     n = sum(p.count for p in parts)
     mean = sum(p.count * p.mean for p in parts) / n
     scatter = sum(p.scatter + p.count * np.outer(p.mean - mean, p.mean - mean) for p in parts)
-    return FeatureStats(n, mean, scatter)
+    if not all(p.has_style for p in parts):
+        return FeatureStats(n, mean, scatter)
+    style_mean = sum(p.count * p.style_mean for p in parts) / n
+    style_scatter = sum(p.style_scatter + p.count * (p.style_mean - style_mean) ** 2 for p in parts)
+    return FeatureStats(n, mean, scatter, style_mean, style_scatter)
+
+
+def familiarity_gaussian(stats: FeatureStats) -> tuple[np.ndarray, np.ndarray] | None:
+    """A domain's unfamiliar-input Gaussian over the gate's whole feature vector (style, then pooled):
+    (mean, variance), exactly what `DomainGate.fit_calibration` gives on the same cases, floor included.
+    None without style statistics or with fewer than two cases."""
+    if not stats.has_style or stats.count < 2:
+        return None
+    mean = np.concatenate([stats.style_mean, stats.mean])
+    var = np.concatenate([stats.style_scatter, np.diag(stats.scatter)]) / (stats.count - 1)
+    return mean, np.maximum(var, 1e-3 * max(float(var.mean()), 1e-8))
 
 
 def screen_stats(stats: FeatureStats, samples: int, reference: FeatureStats | None = None,

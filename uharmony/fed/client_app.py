@@ -167,19 +167,34 @@ def fixed_gate_of(rs: dict) -> bool:
     return rs["train"].get("gate_method") == "negative-free"
 
 
-def gate_feature_stats(model, items):
-    """Count, mean and scatter of the fixed gate's pooled features over the site's un-augmented views."""
+def gate_features(model, items):
+    """The gate's features (style, then pooled) of the items' un-augmented views, (N, F) on the CPU."""
     import torch
 
-    from uharmony.fed.aggregate import FeatureStats
-
-    dim = model.gate.pooled_dim
     dev = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
-        feats = [model.gate(torch.stack([it.small for it in items[i:i + 16]]).to(dev))[1][:, -dim:]
-                 for i in range(0, len(items), 16)]
-    return FeatureStats.of(torch.cat(feats).double().cpu().numpy())
+        return torch.cat([model.gate(torch.stack([it.small for it in items[i:i + 16]]).to(dev))[1].cpu()
+                          for i in range(0, len(items), 16)])
+
+
+def gate_feature_stats(model, items):
+    """Count, mean and scatter of the fixed gate's pooled features over the site's un-augmented views; mean and
+    scatter diagonal of its style features (for the unfamiliar-input score)."""
+    from uharmony.fed.aggregate import FeatureStats
+
+    dim = model.gate.pooled_dim
+    feats = gate_features(model, items).double().numpy()
+    return FeatureStats.of(feats[:, -dim:], style=feats[:, :-dim])
+
+
+def unfamiliar_max(model, items, domain: str) -> float | None:
+    """The largest unfamiliar-input score of the items under the received model's calibration: the
+    coordinator sets the flag's threshold from the sites' values. None while the site's own domain has
+    no fitted Gaussian."""
+    if not items or float(model.gate.calibration[domain].count) <= 0:
+        return None
+    return float(model.gate.unfamiliar_score(gate_features(model, items).to(next(model.parameters()).device)).max())
 
 
 def fault_for(settings: dict, round_no: int) -> float | None:
@@ -207,7 +222,10 @@ def local_evaluate(rs: dict, arrays, settings: dict, device=None) -> tuple[int, 
     result = evaluate(model, {site.domain: site.evaluate}, site.classes, mode="joint" if joint else "auto",
                       patch=tuple(rs["train"]["patch_size"]), device=dev)
     dice = {k: v for k, v in result["dice"][site.domain].items() if v is not None}
-    return len(site.train), {"dice": dice, "gate_accuracy": result["gate_accuracy"][site.domain]}, site.domain
+    metrics = {"dice": dice, "gate_accuracy": result["gate_accuracy"][site.domain]}
+    if fixed_gate_of(rs):
+        metrics["unfamiliar_max"] = unfamiliar_max(model, site.evaluate, site.domain)
+    return len(site.train), metrics, site.domain
 
 
 def _event(settings: dict, entry: dict) -> None:

@@ -11,11 +11,15 @@ A site's train reply is a RecordDict with exactly these records (the fourth only
 - ``site`` (ConfigRecord): ``domain``, the site's domain name;
 - ``gate-stats`` (ArrayRecord, only with ``gate_method = "negative-free"``, when the gate is fixed and
   its arrays are not sent): ``count`` (1,), ``mean`` (F,) and ``scatter`` (F, F) of the gate's pooled
-  features over the site's training cases, float64 (`uharmony.fed.aggregate.FeatureStats`).
+  features over the site's training cases, and ``style-mean`` (S,) and ``style-scatter`` (S,), the mean
+  and the scatter's diagonal of its style features, for the unfamiliar-input score; all float64
+  (`uharmony.fed.aggregate.FeatureStats`).
 
-An evaluate reply has ``metrics`` and ``site`` only. `check_reply` refuses anything else: another record,
-key, name, shape, dtype, a non-finite number, a string anywhere but the domain. The coordinator runs it
-on every reply before aggregation; a test runs it on what a real ClientApp returns.
+An evaluate reply has ``metrics`` and ``site`` only; its metrics may add ``unfamiliar-max``, the largest
+unfamiliar-input score of the site's validation cases (the coordinator's threshold comes from it).
+`check_reply` refuses anything else: another record, key, name, shape, dtype, a non-finite number, a
+string anywhere but the domain. The coordinator runs it on every reply before aggregation; a test runs it
+on what a real ClientApp returns.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 SITE_RECORD = "site"
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
 SAMPLES = "num-examples"
-SCALAR_METRICS = ("loss", "gate-accuracy")
+SCALAR_METRICS = ("loss", "gate-accuracy", "unfamiliar-max")
 DICE_PREFIX = "dice/"
 GATE_STATS = "gate-stats"
 MIN_STATS_CASES = 2
@@ -49,7 +53,8 @@ def site_keys(all_keys, domains: list[str], domain: str, fixed_gate: bool = Fals
 
 
 def metric_keys(classes: list[str]) -> set[str]:
-    """Allowed MetricRecord keys: the sample count, loss, gate accuracy, Dice per (foreground) class name."""
+    """Allowed MetricRecord keys: the sample count, loss, gate accuracy, the largest unfamiliar-input score of
+    the validation cases, Dice per (foreground) class name."""
     return {SAMPLES, *SCALAR_METRICS, *(DICE_PREFIX + c for c in classes)}
 
 
@@ -73,6 +78,8 @@ def metrics_record(samples: int, metrics: dict, classes: list[str]):
         out["loss"] = float(metrics["loss"])
     if metrics.get("gate_accuracy") is not None:
         out["gate-accuracy"] = float(metrics["gate_accuracy"])
+    if metrics.get("unfamiliar_max") is not None:
+        out["unfamiliar-max"] = float(metrics["unfamiliar_max"])
     for name, v in (metrics.get("dice") or {}).items():
         if v is not None and name in classes:
             out[DICE_PREFIX + name] = float(v)
@@ -85,8 +92,8 @@ def metrics_dict(record) -> dict:
     for k, v in record.items():
         if k == SAMPLES:
             out["samples"] = int(v)
-        elif k == "gate-accuracy":
-            out["gate_accuracy"] = float(v)
+        elif k in ("gate-accuracy", "unfamiliar-max"):
+            out[k.replace("-", "_")] = float(v)
         elif k.startswith(DICE_PREFIX):
             out["dice"][k[len(DICE_PREFIX):]] = float(v)
         else:
@@ -94,41 +101,53 @@ def metrics_dict(record) -> dict:
     return out
 
 
-def gate_stats_bytes(dim: int) -> int:
-    """Bytes of a ``gate-stats`` record's arrays: float64 count, mean (dim) and scatter (dim x dim)."""
-    return 8 * (1 + dim + dim * dim)
+def gate_stats_bytes(dim: int, style_dim: int = 0) -> int:
+    """Bytes of a ``gate-stats`` record's arrays: float64 count, mean (dim), scatter (dim x dim) and the two
+    style arrays (style_dim each)."""
+    return 8 * (1 + dim + dim * dim + 2 * style_dim)
 
 
 def gate_stats_record(stats) -> "ArrayRecord":  # noqa: F821
     """The ``gate-stats`` record of a `FeatureStats`."""
-    return to_arrays({"count": np.asarray([stats.count], np.float64), "mean": np.asarray(stats.mean, np.float64),
-                      "scatter": np.asarray(stats.scatter, np.float64)})
+    arrays = {"count": np.asarray([stats.count], np.float64), "mean": np.asarray(stats.mean, np.float64),
+              "scatter": np.asarray(stats.scatter, np.float64)}
+    if stats.has_style:
+        arrays.update({"style-mean": np.asarray(stats.style_mean, np.float64),
+                       "style-scatter": np.asarray(stats.style_scatter, np.float64)})
+    return to_arrays(arrays)
 
 
-def read_gate_stats(record, dim: int):
-    """The `FeatureStats` of a ``gate-stats`` record, or ValueError when it is not exactly the whitelisted one."""
+def read_gate_stats(record, dim: int, style_dim: int = 0):
+    """The `FeatureStats` of a ``gate-stats`` record, or ValueError when it is not exactly the whitelisted one
+    (``style_dim`` > 0: with the style arrays)."""
     from uharmony.fed.aggregate import FeatureStats
 
-    if type(record).__name__ != "ArrayRecord" or set(record.keys()) != {"count", "mean", "scatter"}:
-        raise ValueError(f"record '{GATE_STATS}' must be an ArrayRecord of count, mean and scatter")
-    got = {k: record[k].numpy() for k in ("count", "mean", "scatter")}
-    for k, shape in (("count", (1,)), ("mean", (dim,)), ("scatter", (dim, dim))):
+    shapes = {"count": (1,), "mean": (dim,), "scatter": (dim, dim)}
+    if style_dim:
+        shapes.update({"style-mean": (style_dim,), "style-scatter": (style_dim,)})
+    if type(record).__name__ != "ArrayRecord" or set(record.keys()) != set(shapes):
+        raise ValueError(f"record '{GATE_STATS}' must be an ArrayRecord of {', '.join(shapes)}")
+    got = {k: record[k].numpy() for k in shapes}
+    for k, shape in shapes.items():
         a = got[k]
         if tuple(a.shape) != shape or a.dtype != np.float64 or not np.isfinite(a).all():
             raise ValueError(f"{GATE_STATS} {k} is {a.dtype}{tuple(a.shape)}, expected finite float64{shape}")
     count = float(got["count"][0])
     if count != int(count) or count < MIN_STATS_CASES:
         raise ValueError(f"{GATE_STATS} count must be an integer >= {MIN_STATS_CASES}")
-    return FeatureStats(int(count), got["mean"], got["scatter"])
+    if style_dim and float(got["style-scatter"].min()) < 0:
+        raise ValueError(f"{GATE_STATS} style-scatter holds sums of squares: it cannot be negative")
+    return FeatureStats(int(count), got["mean"], got["scatter"], got.get("style-mean"), got.get("style-scatter"))
 
 
 def check_reply(content, *, kind: str, expected: dict[str, tuple], domains: list[str], classes: list[str],
-                gate_stats_dim: int | None = None) -> str:
+                gate_stats_dim: int | None = None, style_dim: int = 0) -> str:
     """Check a reply's RecordDict against the whitelist; returns the site's domain or raises ValueError.
 
     ``expected``: global name -> (shape, dtype str) of every array; a site must send exactly
     `site_keys` of its domain (for kind "train"); kind "evaluate" carries no arrays. ``gate_stats_dim``
-    (negative-free gate): train replies carry no gate arrays but the ``gate-stats`` record.
+    (negative-free gate): train replies carry no gate arrays but the ``gate-stats`` record (with ``style_dim``
+    > 0, its style arrays too).
     """
     fixed_gate = gate_stats_dim is not None and kind == "train"
     names = set(content.keys())
@@ -168,7 +187,7 @@ def check_reply(content, *, kind: str, expected: dict[str, tuple], domains: list
             if tuple(a.shape) != tuple(shape) or str(a.dtype) != dtype:
                 raise ValueError(f"array {k} is {a.dtype}{tuple(a.shape)}, expected {dtype}{tuple(shape)}")
     if fixed_gate:
-        read_gate_stats(content[GATE_STATS], gate_stats_dim)
+        read_gate_stats(content[GATE_STATS], gate_stats_dim, style_dim)
     return domain
 
 

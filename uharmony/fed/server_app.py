@@ -47,7 +47,8 @@ def save_gate_stats(path: Path, site_stats: dict) -> None:
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     arrays = {f"{site}.{k}": np.ascontiguousarray(v, np.float64) for site, (_, st) in site_stats.items()
-              for k, v in (("count", np.asarray([st.count], np.float64)), ("mean", st.mean), ("scatter", st.scatter))}
+              for k, v in (("count", np.asarray([st.count], np.float64)), ("mean", st.mean), ("scatter", st.scatter),
+                           ("style-mean", st.style_mean), ("style-scatter", st.style_scatter)) if v is not None}
     sites = json.dumps({site: domain for site, (domain, _) in site_stats.items()})
     save_file(arrays, str(tmp), metadata={"sites": sites})
     os.replace(tmp, path)
@@ -72,7 +73,8 @@ def load_gate_stats(path: Path, domains: list[str]) -> dict:
     for site, domain in sites.items():
         key = domain if legacy else site
         if domain in domains and f"{key}.count" in raw:
-            out[site] = (domain, A.FeatureStats(int(raw[f"{key}.count"][0]), raw[f"{key}.mean"], raw[f"{key}.scatter"]))
+            out[site] = (domain, A.FeatureStats(int(raw[f"{key}.count"][0]), raw[f"{key}.mean"], raw[f"{key}.scatter"],
+                                                raw.get(f"{key}.style-mean"), raw.get(f"{key}.style-scatter")))
     return out
 
 
@@ -156,6 +158,7 @@ def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
 
     union = ["background", *s["classes"]]
     modality = "+".join(s["channels"])
+    fam = entry.get("familiarity")
     return {
         "name": s["name"], "version": f"0.{round_no}.0",
         "description": f"U-Harmony model trained by federated learning (FedGIN, {s['aggregation']} aggregation), "
@@ -166,12 +169,14 @@ def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
         "domains": [{"name": d, "modality": modality, "description": "trained at the federation's sites of this domain",
                      "annotated_classes": list(s["classes"])} for d in arch["domains"]],
         "classes": class_table(union),
-        "gate": {"unfamiliar_threshold": 1e6, "routing": "argmax",
-                 "calibration": {"note": "unfamiliar-input score not calibrated: no site data reaches the coordinator",
-                                 **gate_fit_record(s, entry)}},
+        "gate": {"unfamiliar_threshold": fam["threshold"] if fam else 1e6, "routing": "argmax",
+                 "calibration": {**familiarity_record(s, fam), **gate_fit_record(s, entry)}},
         "intended_use": "Research. A federated model; validate it on your own data before relying on it. "
                         "Not a medical device.",
-        "limitations": ["The unfamiliar-input flag is not calibrated for federated models (it never fires).",
+        "limitations": ["The unfamiliar-input flag compares the fixed gate's features with every site's training "
+                        "cases: it fires on inputs unlike all of them (noise, masks, cropped or skull-stripped "
+                        "scans), not on a new MRI contrast of a whole head (docs/federation.md)." if fam else
+                        "The unfamiliar-input flag is not calibrated for this federated model (it never fires).",
                         *(["The domain gate's routing is fitted without negatives (LDA on the gate's fixed "
                            "features, never trained on site data); check the domain it chose, and pass --domain "
                            "when the domain is known."] if gate_method_of(s) == "negative-free" else []),
@@ -185,6 +190,32 @@ def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
                        "dice": {d: v.get("dice", {}) for d, v in entry["domains"].items()},
                        "gate_accuracy": {d: v.get("gate_accuracy") for d, v in entry["domains"].items()}},
     }
+
+
+THRESHOLD_FACTOR = 1.25  # as `trainer.calibrate_gate`: 1.25 x the largest held-back score
+
+
+def familiarity_threshold(participants: list[dict]) -> dict | None:
+    """The unfamiliar-input threshold from the sites' evaluate replies: 1.25 x the largest ``unfamiliar_max``
+    (each site's largest score of its validation cases under this round's model), or None when no site
+    reported one (evaluation off, the averaged gate, or no domain described yet)."""
+    held = {p["site"]: p["evaluate"]["unfamiliar_max"] for p in participants
+            if (p.get("evaluate") or {}).get("unfamiliar_max") is not None}
+    if not held:
+        return None
+    return {"threshold": round(THRESHOLD_FACTOR * max(held.values()), 6), "held_max": held}
+
+
+def familiarity_record(s: dict, fam: dict | None) -> dict:
+    if fam is None:
+        why = "the sites reported no validation scores" if gate_method_of(s) == "negative-free" and s["evaluate"] \
+            else "no site data reaches the coordinator"
+        return {"note": f"unfamiliar-input score not calibrated: {why}"}
+    return {"score": "min over domains of the mean squared z-distance of gate style features",
+            "familiarity_fitted_on": "each domain's training cases, from the count, mean and scatter its sites sent",
+            "threshold_rule": f"{THRESHOLD_FACTOR:g} x the largest score of the sites' validation cases (each site "
+                              "reports its own largest)",
+            "held_max_by_site": fam["held_max"]}
 
 
 def gate_fit_record(s: dict, entry: dict) -> dict:
@@ -213,6 +244,7 @@ class UHarmonyStrategy(FedAvg):
         self.global_np = {k: v.numpy() for k, v in portable_state_dict(model).items()}
         self.gate_method = gate_method_of(s)
         self.stats_dim = model.gate.pooled_dim if self.gate_method == "negative-free" else None
+        self.style_dim = model.gate.features - model.gate.pooled_dim if self.stats_dim else 0
         stats_file = self.out / GATE_STATS_FILE
         # {site: (domain, stats)}: each site's latest accepted statistics. The gate's features are fixed,
         # so a site that misses a round (or whose update is rejected) still describes its data.
@@ -292,15 +324,17 @@ class UHarmonyStrategy(FedAvg):
                 continue
             try:
                 domain = M.check_reply(msg.content, kind="train", expected=self.expected, domains=self.domains,
-                                       classes=self.classes[1:], gate_stats_dim=self.stats_dim)
+                                       classes=self.classes[1:], gate_stats_dim=self.stats_dim,
+                                       style_dim=self.style_dim)
             except ValueError as err:
                 e["rejected"].append({"site": str(node), "reason": f"message outside the whitelist: {err}"})
                 continue
             metrics = M.metrics_dict(msg.content[M.METRICS])
             arrays = M.from_arrays(msg.content[M.ARRAYS])
-            stats = M.read_gate_stats(msg.content[M.GATE_STATS], self.stats_dim) if self.stats_dim else None
+            stats = M.read_gate_stats(msg.content[M.GATE_STATS], self.stats_dim, self.style_dim) \
+                if self.stats_dim else None
             sent = int(sum(a.nbytes for a in arrays.values()))
-            sent += 0 if stats is None else M.gate_stats_bytes(stats.mean.size)
+            sent += 0 if stats is None else M.gate_stats_bytes(stats.mean.size, self.style_dim)
             updates.append(A.Update(site=str(node), domain=domain, samples=metrics["samples"], arrays=arrays,
                                     extra={"train": metrics, "bytes_up": sent, "gate_stats": stats}))
         for node in (int(m.metadata.dst_node_id) for m in self.outbox):
@@ -348,14 +382,30 @@ class UHarmonyStrategy(FedAvg):
         gate_stats = {d: A.pool(v) for d, v in by_domain.items()}
         rows, shrinkage = A.fit_gate_lda(gate_stats, self.domains)
         self.global_np.update(rows)
+        familiar = self.fit_familiarity(gate_stats)
         save_gate_stats(self.out / GATE_STATS_FILE, self.site_stats)
         fresh = {u.site for u in accepted} - {r["site"] for r in refused}
         self.entry["gate"] = {"fitted_on": {d: gate_stats[d].count for d in self.domains if d in gate_stats},
                               "sites": {d: len(by_domain[d]) for d in self.domains if d in by_domain},
                               "from_earlier_rounds": sorted(s for s in self.site_stats if s not in fresh),
                               "never_chosen": [d for d in self.domains if d not in gate_stats],
-                              "shrinkage": round(shrinkage, 4),
+                              "shrinkage": round(shrinkage, 4), "familiarity_fitted": familiar,
                               "stats_plausibility": measured, "stats_rejected": refused}
+
+    def fit_familiarity(self, gate_stats: dict[str, A.FeatureStats]) -> list[str]:
+        """Each described domain's unfamiliar-input Gaussian (``gate.calibration.<d>.*``) from its pooled
+        statistics: what `DomainGate.fit_calibration` would fit on the sites' cases. Returns those domains."""
+        fitted = []
+        for d in (d for d in self.domains if d in gate_stats):
+            st = gate_stats[d]
+            gaussian = A.familiarity_gaussian(st)
+            if gaussian is None:
+                continue
+            for name, value in (("mean", gaussian[0]), ("var", gaussian[1]), ("count", np.asarray(float(st.count)))):
+                key = f"gate.calibration.{d}.{name}"
+                self.global_np[key] = np.asarray(value, self.global_np[key].dtype).reshape(self.global_np[key].shape)
+            fitted.append(d)
+        return fitted
 
     # -- evaluation --------------------------------------------------------------------------
     def configure_evaluate(self, server_round, arrays, config, grid):
@@ -402,6 +452,9 @@ class UHarmonyStrategy(FedAvg):
         e["metrics"] = overall(e["domains"])
         e["seconds"]["round"] = round(time.time() - self.t_round, 2)
         e["accepted_norms"] = [round(x, 6) for x in self.history]
+        fam = familiarity_threshold(e["participants"])
+        if fam:
+            e["familiarity"] = fam
         load_portable_state_dict(self.model, {k: torch.from_numpy(v.copy()) for k, v in self.global_np.items()})
         card = make_card(self.s, self.arch, round_no, e)
         (self.out / "rounds").mkdir(parents=True, exist_ok=True)

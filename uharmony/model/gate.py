@@ -95,5 +95,13 @@ class DomainGate(nn.Module):
 
     @torch.no_grad()
     def unfamiliar_score(self, features: torch.Tensor) -> torch.Tensor:
-        """(B,) the distance to the nearest domain; large means unlike every training domain."""
-        return self.familiarity_distance(features).min(dim=1).values
+        """(B,) the distance to the nearest domain; large means unlike every training domain.
+
+        Domains without a fitted Gaussian (count 0: a federated domain no site has described yet) are
+        left out, unless none has one (an uncalibrated model, whose card's threshold never fires).
+        """
+        dist = self.familiarity_distance(features)
+        fitted = torch.stack([self.calibration[d].count > 0 for d in self.domains]).to(dist.device)
+        if bool(fitted.any()):
+            dist = dist.masked_fill(~fitted[None], float("inf"))
+        return dist.min(dim=1).values
