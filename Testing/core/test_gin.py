@@ -220,3 +220,22 @@ def test_consistency_kl():
     assert torch.isfinite(la.grad).all()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert consistency_kl(la.bfloat16(), lb.bfloat16()).dtype == torch.float32
+
+
+def test_kernel_one_gin_is_a_voxelwise_intensity_map():
+    """With kernel_sizes (1,) every sample's net maps equal intensities to equal intensities (tissue
+    contrast is remapped, nothing is blurred or sharpened); with 3x3x3 kernels voxels of one tissue differ
+    near another tissue."""
+    tissues = torch.zeros(4, 1, 12, 12, 12)
+    tissues[:, :, 3:9, 3:9, 3:9] = 1.0
+    tissues[:, :, 5:7, 5:7, 5:7] = 2.0
+    x = tissues * 1.5 - 0.7  # three intensities
+    out = GIN(p=1.0, generator=_gen(2), kernel_sizes=(1,))(x)
+    for s in range(4):
+        for t in range(3):
+            values = out[s, 0][tissues[s, 0] == t]
+            assert float(values.max() - values.min()) < 1e-5, (s, t)
+    wide = GIN(p=1.0, generator=_gen(2), kernel_sizes=(3,))(x)
+    spread = [float(wide[s, 0][tissues[s, 0] == 1].max() - wide[s, 0][tissues[s, 0] == 1].min()) for s in range(4)]
+    assert max(spread) > 1e-2
+    assert IPA(p=1.0, kernel_sizes=(1,)).gin.kernel_sizes == (1,)

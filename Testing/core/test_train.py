@@ -225,6 +225,10 @@ def test_config_unknown_key_wrong_type_and_output_exists(data, tmp_path, capsys)
     assert p.returncode == ExitCode.USAGE
     msg = last_error(p)
     assert "'augment.ginp'" in msg and "gin_p" in msg and len(msg.splitlines()) == 1
+    bad.write_text("steps = 5\n[augment]\ngin_kernel_sizes = [1, 2]\n")
+    p = cli(capsys, "train", "--data", data["a"], "--out", tmp_path / "x", "--config", bad)
+    assert p.returncode == ExitCode.USAGE and "'augment.gin_kernel_sizes'" in last_error(p)
+    assert "odd positive" in last_error(p)
     bad.write_text('{"steps": "many"}')
     bad = bad.rename(tmp_path / "bad.json")
     p = cli(capsys, "train", "--data", data["a"], "--out", tmp_path / "x", "--config", bad)
@@ -401,3 +405,26 @@ def test_class_balanced_patches_centre_a_small_class_as_often_as_a_large_one():
     assert small_class_share(False) < 0.02  # 8 of 27 008 foreground voxels
     assert 0.4 < small_class_share(True) < 0.6  # one of the two classes present
     assert len(item.fg_by_class) == 2 and sum(len(v) for v in item.fg_by_class) == len(item.fg)
+
+
+def test_gin_kernel_sizes_reach_the_augmentation(data, tmp_path, capsys, monkeypatch):
+    """`augment.gin_kernel_sizes` is what the trainer's GIN draws its kernels from (default [1, 3])."""
+    import uharmony.augment.gin as gin
+
+    seen = []
+    real = gin.GIN.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append(self.kernel_sizes)
+
+    monkeypatch.setattr(gin.GIN, "__init__", spy)
+    cfg = tmp_path / "k1.toml"
+    cfg.write_text(TINY.replace(f"steps = {STEPS}", "steps = 2").replace("val_every = 15", "val_every = 0")
+                   .replace("checkpoint_every = 10", "checkpoint_every = 0")
+                   .replace("gin_p = 0.5", "gin_p = 1.0\ngin_kernel_sizes = [1]"))
+    p = cli(capsys, "train", "--data", data["a"], "--out", tmp_path / "k1", "--config", cfg)
+    assert p.returncode == 0, p.stderr
+    assert seen == [(1,), (1,)]  # one GIN per step
+    card = json.loads((tmp_path / "k1" / "card.json").read_text())
+    assert card["training"]["config"]["augment"]["gin_kernel_sizes"] == [1]

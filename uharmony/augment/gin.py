@@ -223,6 +223,7 @@ class IPA:
         alpha_range: tuple[float, float] = (0.0, 1.0),
         control_spacing: int = 16,
         generator: torch.Generator | None = None,
+        kernel_sizes: Sequence[int] = (1, 3),
     ):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {p}")
@@ -231,7 +232,8 @@ class IPA:
         self.p = float(p)
         self.control_spacing = int(control_spacing)
         self.generator = generator
-        self.gin = GIN(p=1.0, interm_channels=interm_channels, layers=layers, alpha_range=alpha_range, generator=generator)
+        self.gin = GIN(p=1.0, interm_channels=interm_channels, layers=layers, alpha_range=alpha_range, generator=generator,
+                       kernel_sizes=kernel_sizes)
 
     def __repr__(self) -> str:
         return f"IPA(p={self.p}, control_spacing={self.control_spacing}, gin={self.gin!r})"

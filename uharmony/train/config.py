@@ -35,6 +35,7 @@ METHODS = ("uharmony", "joint", "separate", "oracle")
 class AugmentConfig:
     gin: bool = True  # GIN random-convolution intensity augmentation of the network's input
     gin_p: float = 0.5  # probability that a sample of a batch is augmented (GIN and IPA)
+    gin_kernel_sizes: list[int] = field(default_factory=lambda: [1, 3])  # GIN kernel sizes, one drawn per layer; [1] maps intensities voxel-wise
     ipa: bool = False  # IPA instead of plain GIN: two GIN views, smooth-mask blend, KL consistency (2x cost)
     ipa_weight: float = 0.3  # weight of the KL consistency loss between the two IPA views
 
@@ -169,6 +170,9 @@ def _validate(c: TrainConfig, where) -> None:
     need(c.device in ("auto", "cpu", "cuda", "mps"), "device", "must be auto, cpu, cuda or mps")
     need(0.0 <= c.augment.gin_p <= 1.0, "augment.gin_p", "must be in [0, 1]")
     need(c.augment.ipa_weight >= 0, "augment.ipa_weight", "must be >= 0")
+    need(len(c.augment.gin_kernel_sizes) >= 1 and all(isinstance(k, int) and k >= 1 and k % 2 == 1
+                                                      for k in c.augment.gin_kernel_sizes),
+         "augment.gin_kernel_sizes", "must be a list of odd positive kernel sizes, such as [1, 3] or [1]")
     m = c.model
     need(len(m.filters) == len(m.strides) >= 3, "model.filters",
          f"must have as many entries as model.strides (>= 3, as DynUNet needs); got {len(m.filters)} and {len(m.strides)}")

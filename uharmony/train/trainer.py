@@ -109,7 +109,7 @@ def train_step(state: LoopState, step: int, optimizer, scaler, loss_fn: Marginal
     out: dict = {}
     with autocast(device) if cfg.amp else contextlib.nullcontext():
         if cfg.augment.ipa:
-            view_a, view_b = IPA(p=cfg.augment.gin_p, generator=generator)(x)
+            view_a, view_b = IPA(p=cfg.augment.gin_p, generator=generator, kernel_sizes=cfg.augment.gin_kernel_sizes)(x)
             la, lb = model(view_a, routing), model(view_b, routing)
             seg = 0.5 * (loss_fn(la, y, annotated) + loss_fn(lb, y, annotated))
             kl = consistency_kl(la, lb)
@@ -117,7 +117,7 @@ def train_step(state: LoopState, step: int, optimizer, scaler, loss_fn: Marginal
             out["kl"] = float(kl.detach())
         else:
             if cfg.augment.gin:
-                x = GIN(p=cfg.augment.gin_p, generator=generator)(x)
+                x = GIN(p=cfg.augment.gin_p, generator=generator, kernel_sizes=cfg.augment.gin_kernel_sizes)(x)
             seg = loss_fn(model(x, routing), y, annotated)
         total = seg
         if state.train_gate and len(model.domains) > 1 and cfg.gate.weight > 0:
