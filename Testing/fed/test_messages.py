@@ -134,7 +134,7 @@ def test_evaluate_reply_holds_only_whitelisted_content(round_messages, monkeypat
 
 
 @pytest.mark.parametrize("tamper", ["extra record", "extra metric", "file name", "extra array", "wrong shape",
-                                    "other domain's head", "unknown domain", "nan metric", "gate array",
+                                    "other domain's head", "unknown domain", "nan metric", "negative unfamiliar score", "gate array",
                                     "stats extra key", "stats nan", "stats shape", "stats one case", "no stats",
                                     "style negative", "style shape", "style missing"])
 def test_anything_outside_the_whitelist_is_refused(round_messages, monkeypatch, tamper):
@@ -166,6 +166,8 @@ def test_anything_outside_the_whitelist_is_refused(round_messages, monkeypatch, 
         records["site"] = ConfigRecord({"domain": "patient-42"})
     elif tamper == "nan metric":
         metrics["loss"] = float("nan")
+    elif tamper == "negative unfamiliar score":  # would set a negative threshold: every scan flagged
+        metrics["unfamiliar-max"] = -1.0
     elif tamper == "gate array":  # the fixed gate's weights must not travel (nor change)
         arrays["gate.convs.0.bias"] = Array(strategy.global_np["gate.convs.0.bias"])
     elif tamper.startswith(("stats", "style")):

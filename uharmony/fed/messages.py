@@ -171,6 +171,8 @@ def check_reply(content, *, kind: str, expected: dict[str, tuple], domains: list
     for k, v in metrics.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(float(v)):
             raise ValueError(f"metric {k!r} must be one finite number")
+    if metrics.get("unfamiliar-max", 0.0) < 0:  # a mean squared distance; a negative one would flag everything
+        raise ValueError("metric 'unfamiliar-max' cannot be negative")
     if kind == "train":
         arrays = content[ARRAYS]
         if type(arrays).__name__ != "ArrayRecord":

@@ -174,7 +174,7 @@ def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
         "intended_use": "Research. A federated model; validate it on your own data before relying on it. "
                         "Not a medical device.",
         "limitations": ["The unfamiliar-input flag compares the fixed gate's features with every site's training "
-                        "cases: it fires on inputs unlike all of them (noise, masks, cropped or skull-stripped "
+                        "cases: it fires on inputs unlike all of them (noise, masks, partial or skull-stripped "
                         "scans), not on a new MRI contrast of a whole head (docs/federation.md)." if fam else
                         "The unfamiliar-input flag is not calibrated for this federated model (it never fires).",
                         *(["The domain gate's routing is fitted without negatives (LDA on the gate's fixed "
