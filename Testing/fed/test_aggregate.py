@@ -159,7 +159,7 @@ def test_sites_style_statistics_give_the_unfamiliar_gaussian_of_central_training
     from uharmony.model.gate import DomainGate
 
     gate = DomainGate(1, ["ct"], input_size=(8, 8, 8), filters=(4, 8))
-    dim, style = gate.pooled_dim, gate.features - gate.pooled_dim
+    dim, style = gate.pooled_dim, gate.style_dim
     rng = np.random.default_rng(5)
     parts = [rng.normal(loc=i, scale=1 + i, size=(n, gate.features)) for i, n in enumerate((4, 7, 2))]
     parts[1][:, 3] = 0.25  # a constant feature: the floor decides its variance

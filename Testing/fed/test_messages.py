@@ -246,7 +246,7 @@ def test_sites_calibrate_the_unfamiliar_flag_without_sending_a_case(round_messag
 
     strategy, message, context, settings = round_messages
     strategy, reply = _reply(round_messages, "train", monkeypatch)
-    assert strategy.style_dim == strategy.model.gate.features - strategy.stats_dim > 0
+    assert strategy.style_dim == strategy.model.gate.features - strategy.stats_dim == strategy.model.gate.style_dim > 0
     stats = M.read_gate_stats(reply.content["gate-stats"], strategy.stats_dim, strategy.style_dim)
     assert stats.style_mean.shape == stats.style_scatter.shape == (strategy.style_dim,)
     monkeypatch.setattr(strategy, "site_stats", {})

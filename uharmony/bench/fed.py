@@ -99,8 +99,7 @@ def site_array_bytes(model, domain: str, fixed_gate: bool = True) -> int:
 
     tensors = portable_state_dict(model)
     keys = M.site_keys(list(tensors), list(model.domains), domain, fixed_gate)
-    dim = model.gate.pooled_dim
-    stats = M.gate_stats_bytes(dim, model.gate.features - dim) if fixed_gate else 0
+    stats = M.gate_stats_bytes(model.gate.pooled_dim, model.gate.style_dim) if fixed_gate else 0
     return int(sum(tensors[k].numel() * tensors[k].element_size() for k in keys)) + stats
 
 

@@ -157,8 +157,10 @@ def familiarity_gaussian(stats: FeatureStats) -> tuple[np.ndarray, np.ndarray] |
     if not stats.has_style or stats.count < 2:
         return None
     mean = np.concatenate([stats.style_mean, stats.mean])
+    from uharmony.model.gate import variance_floor
+
     var = np.concatenate([stats.style_scatter, np.diag(stats.scatter)]) / (stats.count - 1)
-    return mean, np.maximum(var, 1e-3 * max(float(var.mean()), 1e-8))
+    return mean, np.maximum(var, variance_floor(var.mean()))
 
 
 def screen_stats(stats: FeatureStats, samples: int, reference: FeatureStats | None = None,

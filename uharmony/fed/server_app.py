@@ -244,7 +244,7 @@ class UHarmonyStrategy(FedAvg):
         self.global_np = {k: v.numpy() for k, v in portable_state_dict(model).items()}
         self.gate_method = gate_method_of(s)
         self.stats_dim = model.gate.pooled_dim if self.gate_method == "negative-free" else None
-        self.style_dim = model.gate.features - model.gate.pooled_dim if self.stats_dim else 0
+        self.style_dim = model.gate.style_dim if self.stats_dim else 0
         stats_file = self.out / GATE_STATS_FILE
         # {site: (domain, stats)}: each site's latest accepted statistics. The gate's features are fixed,
         # so a site that misses a round (or whose update is rejected) still describes its data.

@@ -14,6 +14,12 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def variance_floor(mean_variance: float) -> float:
+    """The least variance a familiarity Gaussian gives a feature: 1e-3 of the mean variance over features, so
+    a near-constant feature does not dominate the distance. Central and federated fits share it."""
+    return 1e-3 * max(float(mean_variance), 1e-8)
+
+
 class DomainStats(nn.Module):
     """Running per-domain feature mean/variance (buffers, so they travel in the weights file)."""
 
@@ -44,6 +50,12 @@ class DomainGate(nn.Module):
     def pooled_dim(self) -> int:
         """Length of the pooled features the classifier reads (the last columns of `forward`'s features)."""
         return self.classifier[self.domains[0]].in_features
+
+    @property
+    def style_dim(self) -> int:
+        """Length of the style features (the first two layers' channel means and log-stds), the first
+        columns of `forward`'s features; only the unfamiliar-input score reads them."""
+        return self.features - self.pooled_dim
 
     def add_domain(self, name: str, like: str | None = None) -> None:
         head = nn.Linear(self.classifier[self.domains[0]].in_features, 1)
@@ -80,8 +92,8 @@ class DomainGate(nn.Module):
                 continue
             stats = self.calibration[name]
             stats.mean.copy_(f.mean(0))
-            # A floor keeps near-constant features from dominating the distance.
-            stats.var.copy_(f.var(0, unbiased=True).clamp_min(1e-3 * f.var(0).mean().clamp_min(1e-8)))
+            var = f.var(0, unbiased=True)
+            stats.var.copy_(var.clamp_min(variance_floor(var.mean())))
             stats.count.fill_(len(f))
 
     @torch.no_grad()
