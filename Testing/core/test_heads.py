@@ -100,6 +100,28 @@ def test_write_dataset_is_a_valid_datalist_with_the_heads_geometry(tmp_path, atl
     assert (p.parent / first["image"]).stat().st_mtime_ns == before
 
 
+def test_two_writers_of_one_dataset_do_not_collide(tmp_path, atlas, monkeypatch):
+    """Benchmark workers build the same cached dataset at once. A second writer that runs between the
+    first's write and its move (forced here by hooking os.replace) must not take the first's temporary
+    file: both succeed and no temporary file is left."""
+    import os
+
+    kw = dict(n_train=1, n_val=0, base_seed=5, spacing=4.0, atlas=atlas)
+    heads.write_dataset(tmp_path, "ct", **kw)
+    real_replace, nested = os.replace, []
+
+    def replace(src, dst):
+        if str(dst).endswith("dataset.json") and not nested:
+            nested.append(None)
+            nested[0] = heads.write_dataset(tmp_path, "ct", **kw)  # the other worker, mid-write
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    p = heads.write_dataset(tmp_path, "ct", **kw)
+    assert nested == [p] and json.loads(p.read_text())["domain"] == "ct"
+    assert not [f for f in p.parent.rglob("*") if ".tmp" in f.name]
+
+
 def test_sources_are_cached_and_a_missing_package_is_one_clear_error(tmp_path, monkeypatch):
     d = sources.fetch("nibabel")  # already cached by the atlas fixture's neighbours or fetched now
     assert (d / "anatomical.nii").is_file()

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from uharmony.data import sources
+from uharmony.data.io import atomic_output
 from uharmony.data.synth import CLASS_NAMES
 
 TISSUES = ("air", "csf", "grey", "white", "lesion", "skull", "scalp", "fat", "eye", "marrow", "rim")
@@ -122,9 +123,8 @@ def build_atlas(cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     lab, _ = ndi.label(tissue != AIR)
     tissue[lab != np.argmax(np.bincount(lab[lab > 0]))] = AIR  # a few stray voxels off the head
     root.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.nii.gz")
-    nib.save(nib.Nifti1Image(tissue, aff), tmp)
-    tmp.replace(out)
+    with atomic_output(out) as tmp:  # a unique temporary name: several benchmark processes may build it at once
+        nib.save(nib.Nifti1Image(tissue, aff), tmp)
     return tissue, aff
 
 
@@ -353,7 +353,8 @@ def _save(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    nib.save(img, str(path))
+    with atomic_output(path) as tmp:
+        nib.save(img, tmp)
 
 
 def case_seed(domain: str, index: int, base: int) -> int:
@@ -393,9 +394,8 @@ def write_dataset(out: Path, domain: str, *, n_train: int, n_val: int, base_seed
         "validation": entries[n_train:],
     }
     path = root / "dataset.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(ds, indent=1))
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(ds, indent=1))
     return path
 
 
