@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from uharmony import __version__
-from uharmony.errors import EXIT_CODE_HELP, ExitCode, UHarmonyError
+from uharmony.errors import EXIT_CODE_HELP, BadInputError, ExitCode, UHarmonyError
 from uharmony.progress import MODES, Reporter
 
 EPILOG = "exit codes: " + ", ".join(f"{int(c)} {h}" for c, h in EXIT_CODE_HELP.items())
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quick", action="store_true", help="tiny smoke run (seconds; the figures mean nothing)")
     q.add_argument("--json", default=None)
     q.add_argument("--from-json", default=None, help="only re-print the table and targets of an earlier --json")
+    q.add_argument("--single-source", action="store_true",
+                   help="instead: one network per training style, with and without GIN, scored on every style "
+                        "(GIN's own setting; ~7 min per seed)")
     q = bsub.add_parser("fed", help="federated (one site per style, FedGIN) vs centralized U-Harmony on the generalize "
                                     "benchmark's data and budget; bytes and round overhead of a real Flower run")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -213,6 +216,17 @@ def _fail(reporter: Reporter, code: int, message: str) -> int:
     return int(code)
 
 
+def _results_json(path: str) -> dict:
+    """A benchmark's --json results, or one clear error naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{path}: cannot read benchmark results ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(data, dict) or "runs" not in data:
+        raise BadInputError(f"{path}: not the --json results of a uharmony benchmark")
+    return data
+
+
 def _dispatch(args, reporter: Reporter) -> int:
     if args.command == "segment":
         return _segment(args, reporter)
@@ -253,8 +267,15 @@ def _dispatch(args, reporter: Reporter) -> int:
         if args.bench_command == "generalize":
             from uharmony.bench.generalize import print_from_json, run_bench_generalize
 
+            from uharmony.bench import single_source
+
             if args.from_json:
-                return print_from_json(args.from_json)
+                kind = _results_json(args.from_json).get("kind")
+                return (single_source.print_from_json if kind == "single-source" else print_from_json)(args.from_json)
+            if args.single_source:
+                return single_source.run_single_source(work=args.work, seeds=tuple(args.seeds), steps=args.steps,
+                                                       train_cases=args.cases, val_cases=2 if args.quick else 3,
+                                                       quick=args.quick, json_path=args.json)
             return run_bench_generalize(work=args.work, seeds=tuple(args.seeds), steps=args.steps,
                                         train_cases=args.cases, val_cases=2 if args.quick else 3, quick=args.quick,
                                         json_path=args.json)
@@ -263,6 +284,7 @@ def _dispatch(args, reporter: Reporter) -> int:
             from uharmony.bench.fed import run_bench_fed
 
             if args.from_json:
+                _results_json(args.from_json)
                 return fed_from_json(args.from_json)
             q = args.quick
             return run_bench_fed(work=args.work, seeds=tuple(args.seeds), quick=q, json_path=args.json,

@@ -1,0 +1,118 @@
+"""`uharmony bench generalize --single-source`: does GIN carry a model trained on ONE style to the others?
+
+This is the setting GIN was made for (single-source domain generalisation; in FedGIN, a site that holds
+one modality). Each training style of the generalize benchmark (mri-t1, mri-t2, ct) trains one plain
+network alone, with and without GIN, at the generalize budget (the full step count, not a third);
+every model is then scored on all four styles (the held-back mri-flair included). The figure that
+matters is a model's mean Dice on the styles it never saw, and whether GIN raises it.
+
+Same data, budget, scoring and seeds as `uharmony bench generalize` (`uharmony.bench.generalize`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from uharmony.bench import generalize as G
+from uharmony.data import heads
+
+STYLES = (*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN)
+ARMS = {"": {"gin": False}, "+GIN": {"gin": True}}  # label suffix -> train config `augment`
+
+
+def run_single_source(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 500, train_cases: int = 12,
+                      val_cases: int = 3, quick: bool = False, json_path: str | None = None) -> int:
+    from uharmony.data.sources import cache_root
+    from uharmony.model.package import load_model
+    from uharmony.progress import Reporter
+    from uharmony.train.trainer import run_train
+
+    t0 = time.time()
+    root = Path(work) if work else cache_root().parent / "bench-generalize"
+    base = G.budget(steps, quick)
+    data = G.make_data(root, train=train_cases, val=val_cases, spacing=base["spacing_mm"][0])
+    rep = Reporter("none")
+    runs: dict[str, dict[str, dict[int, dict]]] = {}  # source -> arm -> seed -> {style: score}
+    evaluate_with = None
+    for seed in seeds:
+        for source in heads.BENCH_TRAIN_DOMAINS:
+            for tag, augment in ARMS.items():
+                out = root / "runs" / f"seed{seed}" / f"single-{source}{tag}"
+                cfg_path = out.with_name(out.name + ".json")
+                cfg_path.parent.mkdir(parents=True, exist_ok=True)
+                cfg_path.write_text(json.dumps({**base, "method": "joint", "augment": augment, "seed": seed}))
+                run_train([str(data[source])], str(out), str(cfg_path), overwrite=True, reporter=rep, argv=["bench"])
+                model, _ = load_model(out)
+                if evaluate_with is None:
+                    evaluate_with = G._evaluator(data, base["spacing_mm"], model.gate.downsample)
+                s = evaluate_with(model, "joint", tuple(base["patch_size"]))
+                scores = {d: s[d]["score"] for d in STYLES if d in s}
+                runs.setdefault(source, {}).setdefault(tag, {})[seed] = scores
+                print(f"[{time.time() - t0:6.0f} s] seed {seed} {source}{tag:<5} "
+                      + " ".join(f"{d}={v:.3f}" for d, v in scores.items() if v is not None),
+                      file=sys.stderr, flush=True)
+    minutes = (time.time() - t0) / 60
+    result = {"kind": "single-source", "runs": runs, "config": base, "seeds": list(seeds),
+              "minutes": round(minutes, 1)}
+    print(format_report(result, quick=quick))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def summarise(runs: dict) -> dict:
+    """source -> arm -> {style: mean over seeds, "unseen": mean over seeds of the other styles' mean}."""
+    out: dict = {}
+    for source, arms in runs.items():
+        for tag, per_seed in arms.items():
+            row = {}
+            for d in STYLES:
+                v = [s[d] for s in per_seed.values() if s.get(d) is not None]
+                if v:
+                    row[d] = float(np.mean(v))
+            others = [float(np.mean([s[d] for d in STYLES if d != source and s.get(d) is not None]))
+                      for s in per_seed.values()]
+            row["unseen"] = float(np.mean(others))
+            row["unseen_sd"] = float(np.std(others, ddof=1)) if len(others) > 1 else 0.0
+            out.setdefault(source, {})[tag] = row
+    return out
+
+
+def check_target(summary: dict) -> str:
+    """PASS when GIN raises the mean Dice on never-seen styles, averaged over the source styles."""
+    pairs = [(arms[""]["unseen"], arms["+GIN"]["unseen"]) for arms in summary.values() if "" in arms and "+GIN" in arms]
+    if not pairs:
+        return "- n/a GIN raises single-source models on the styles they never saw"
+    a, b = float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
+    per = ", ".join(f"{src} {100 * (arms['+GIN']['unseen'] - arms['']['unseen']):+.1f}" for src, arms in summary.items()
+                    if "" in arms and "+GIN" in arms)
+    return (f"- {'PASS' if b > a else 'FAIL'} GIN raises single-source models on the styles they never saw: "
+            f"{100 * a:.1f} -> {100 * b:.1f} ({100 * (b - a):+.1f}; per source: {per})")
+
+
+def format_report(result: dict, *, quick: bool = False) -> str:
+    summary = summarise(result["runs"])
+    steps = result["config"]["steps"]
+    lines = [f"Single-source: one network per training style, Dice (mean of CSF, GM, WM) on every style, mean over "
+             f"seeds {', '.join(map(str, result['seeds']))}; {steps} steps per model"
+             f"{' (QUICK smoke run: not meaningful)' if quick else ''}; {result['minutes']:.1f} min in all", "",
+             "| trained on | " + " | ".join(d + (" (held back)" if d == heads.BENCH_UNSEEN_DOMAIN else "")
+                                         for d in STYLES) + " | mean on never-seen styles |",
+             "|" + "---|" * (len(STYLES) + 2)]
+    for source, arms in summary.items():
+        for tag, row in arms.items():
+            cells = [("n/a" if d not in row else f"{100 * row[d]:.1f}") + (" (own)" if d == source else "")
+                     for d in STYLES]
+            cells.append(f"{100 * row['unseen']:.1f} ± {100 * row['unseen_sd']:.1f}")
+            lines.append(f"| {source}{tag} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\ntargets:\n" + check_target(summary)
+
+
+def print_from_json(path: str) -> int:
+    print(format_report(json.loads(Path(path).read_text())))
+    return 0
