@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--from-json", default=None, help="only re-print the table and targets of an earlier --json")
     q.add_argument("--single-source", action="store_true",
                    help="instead: one network per training style, with and without GIN, scored on every style "
-                        "(GIN's own setting; ~7 min per seed)")
+                        "(GIN's own setting; ~5 min per seed on 2 cores)")
     q = bsub.add_parser("fed", help="federated (one site per style, FedGIN) vs centralized U-Harmony on the generalize "
                                     "benchmark's data and budget; bytes and round overhead of a real Flower run")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -265,9 +265,8 @@ def _dispatch(args, reporter: Reporter) -> int:
 
             return run_bench_real(args.model, out=args.out, json_path=args.json, device=args.device)
         if args.bench_command == "generalize":
-            from uharmony.bench.generalize import print_from_json, run_bench_generalize
-
             from uharmony.bench import single_source
+            from uharmony.bench.generalize import print_from_json, run_bench_generalize
 
             if args.from_json:
                 kind = _results_json(args.from_json).get("kind")
