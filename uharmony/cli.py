@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--single-source", action="store_true",
                    help="instead: one network per training style, with and without GIN, scored on every style "
                         "(GIN's own setting; ~5 min per seed on 2 cores)")
+    q.add_argument("--gate", default="trained", choices=("trained", "negative-free"),
+                   help="the U-Harmony models' gate.method (negative-free: contrast encoder + LDA, no gate training)")
+    q.add_argument("--methods", nargs="+", default=["uharmony", "joint", "separate"],
+                   choices=("uharmony", "joint", "separate"),
+                   help="which methods to train (uharmony brings its oracle and the adaptation rows)")
     q = bsub.add_parser("fed", help="federated (one site per style, FedGIN) vs centralized U-Harmony on the generalize "
                                     "benchmark's data and budget; bytes and round overhead of a real Flower run")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -277,7 +282,7 @@ def _dispatch(args, reporter: Reporter) -> int:
                                                        quick=args.quick, json_path=args.json)
             return run_bench_generalize(work=args.work, seeds=tuple(args.seeds), steps=args.steps,
                                         train_cases=args.cases, val_cases=2 if args.quick else 3, quick=args.quick,
-                                        json_path=args.json)
+                                        json_path=args.json, methods=tuple(args.methods), gate=args.gate)
         if args.bench_command == "fed":
             from uharmony.bench.fed import print_from_json as fed_from_json
             from uharmony.bench.fed import run_bench_fed

@@ -243,6 +243,7 @@ def test_sites_calibrate_the_unfamiliar_flag_without_sending_a_case(round_messag
     from uharmony.fed.server_app import familiarity_threshold, make_card
     from uharmony.infer.segment import Segmenter
     from uharmony.model.package import load_portable_state_dict, save_package
+    from uharmony.train.gate import gate_features
 
     strategy, message, context, settings = round_messages
     strategy, reply = _reply(round_messages, "train", monkeypatch)
@@ -263,7 +264,7 @@ def test_sites_calibrate_the_unfamiliar_flag_without_sending_a_case(round_messag
     model = client_app.build_model(rs, fresh)
     site = client_app.load_site(json.loads(settings.read_text()), rs, model.gate.downsample)
     central = client_app.build_model(rs, fresh).gate
-    central.fit_calibration(client_app.gate_features(model, site.train), torch.zeros(2, dtype=torch.long))
+    central.fit_calibration(gate_features(model, site.train), torch.zeros(2, dtype=torch.long))
     fed = model.gate.calibration["synth-t1"]
     assert float(fed.count) == 2
     torch.testing.assert_close(fed.mean, central.calibration["synth-t1"].mean, rtol=1e-5, atol=1e-6)
@@ -276,7 +277,7 @@ def test_sites_calibrate_the_unfamiliar_flag_without_sending_a_case(round_messag
     M.check_reply(content, kind="evaluate", expected=strategy.expected, domains=strategy.domains,
                   classes=strategy.classes[1:])
     held = M.metrics_dict(content["metrics"])["unfamiliar_max"]
-    expect = float(model.gate.unfamiliar_score(client_app.gate_features(model, site.evaluate)).max())
+    expect = float(model.gate.unfamiliar_score(gate_features(model, site.evaluate)).max())
     assert held == pytest.approx(expect, rel=1e-5) and held >= 0
 
     fam = familiarity_threshold([{"site": "7", "evaluate": {"unfamiliar_max": held}}, {"site": "8", "evaluate": {}}])

@@ -38,17 +38,18 @@ ADAPT_CASES = 4
 EVAL_OVERLAP = 0.25  # sliding-window overlap of the benchmark's evaluations (the models' own cards say 0.5)
 
 
-def budget(steps: int, quick: bool) -> dict:
-    """The config shared by every run (`uharmony train --config` keys)."""
+def budget(steps: int, quick: bool, gate: str = "trained") -> dict:
+    """The config shared by every run (`uharmony train --config` keys); ``gate``: the gate.method."""
     if quick:  # smoke test: seconds, not meaningful
         return {"steps": steps, "batch_size": 2, "patch_size": [16, 16, 16], "spacing_mm": [6.0] * 3,
                 "val_every": 0, "val_cases": 1, "checkpoint_every": 0, "device": "cpu", "lr": 3e-3,
                 "model": {"filters": [4, 8, 8], "strides": [1, 2, 2]},
-                "gate": {"input_size": [8, 8, 8], "filters": [4, 8]}}
+                "gate": {"input_size": [8, 8, 8], "filters": [4, 8], "method": gate, "pretrain_steps": 5,
+                         "pretrain_views": 12}}
     return {"steps": steps, "batch_size": 2, "patch_size": [24, 24, 24], "spacing_mm": [4.0] * 3,
             "val_every": 0, "val_cases": 4, "checkpoint_every": 0, "device": "cpu", "lr": 3e-3, "fg_prob": 0.8,
             "model": {"filters": [8, 16, 32, 64], "strides": [1, 2, 2, 2], "harmony_levels": 2},
-            "gate": {"input_size": [24, 24, 24], "filters": [8, 16, 32]}}
+            "gate": {"input_size": [24, 24, 24], "filters": [8, 16, 32], "method": gate}}
 
 
 def make_data(work: Path, *, train: int, val: int, spacing: float) -> dict[str, Path]:
@@ -106,7 +107,7 @@ def _evaluator(data: dict[str, Path], spacing, gate_view):
 
 def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 500, train_cases: int = 12,
                          val_cases: int = 3, quick: bool = False, json_path: str | None = None,
-                         methods=("uharmony", "joint", "separate"), adapt: bool = True) -> int:
+                         methods=("uharmony", "joint", "separate"), adapt: bool = True, gate: str = "trained") -> int:
     from uharmony.data.sources import cache_root
     from uharmony.model.package import load_model
     from uharmony.progress import Reporter
@@ -116,7 +117,7 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
     t0 = time.time()
     root = Path(work) if work else cache_root().parent / "bench-generalize"
     root.mkdir(parents=True, exist_ok=True)
-    base = budget(steps, quick)
+    base = budget(steps, quick, gate)
     data = make_data(root, train=train_cases, val=val_cases, spacing=base["spacing_mm"][0])
     train_doms = [str(data[d]) for d in heads.BENCH_TRAIN_DOMAINS]
     rep = Reporter("none")

@@ -167,21 +167,11 @@ def fixed_gate_of(rs: dict) -> bool:
     return rs["train"].get("gate_method") == "negative-free"
 
 
-def gate_features(model, items):
-    """The gate's features (style, then pooled) of the items' un-augmented views, (N, F) on the CPU."""
-    import torch
-
-    dev = next(model.parameters()).device
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model.gate(torch.stack([it.small for it in items[i:i + 16]]).to(dev))[1].cpu()
-                          for i in range(0, len(items), 16)])
-
-
 def gate_feature_stats(model, items):
     """Count, mean and scatter of the fixed gate's pooled features over the site's un-augmented views; mean and
     scatter diagonal of its style features (for the unfamiliar-input score)."""
     from uharmony.fed.aggregate import FeatureStats
+    from uharmony.train.gate import gate_features
 
     dim = model.gate.pooled_dim
     feats = gate_features(model, items).double().numpy()
@@ -192,6 +182,8 @@ def unfamiliar_max(model, items, domain: str) -> float | None:
     """The largest unfamiliar-input score of the items under the received model's calibration: the
     coordinator sets the flag's threshold from the sites' values. None while the site's own domain has
     no fitted Gaussian."""
+    from uharmony.train.gate import gate_features
+
     if not items or float(model.gate.calibration[domain].count) <= 0:
         return None
     return float(model.gate.unfamiliar_score(gate_features(model, items).to(next(model.parameters()).device)).max())

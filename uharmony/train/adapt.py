@@ -8,6 +8,9 @@
 * Cases of the old domains given with ``--keep`` are replayed: every step draws the new data or
   the replayed data with equal probability (then a domain, then a case), so the gate keeps seeing
   negatives for the new domain and the old domains do not drift.
+* A base model with the negative-free gate (``gate.method``) keeps its fixed features; the routing
+  is refitted by LDA over the cases given here (a domain without cases keeps the mean its card
+  remembers), so nothing of the gate is trained and the old domains' means do not move.
 * Dice per class and gate accuracy per domain are measured before and after, with ``--domain
   auto`` routing (the gate decides), on the validation split of each datalist, or on its training
   cases where it has none (the card and the table say which).
@@ -155,6 +158,17 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
         reporter.log(f"new classes: {', '.join(union[len(base_classes):])}")
     model = model.to(dev)
     route = {d: model.domains.index(d) for d in data_domains}
+    base_gate = base_card.get("gate", {})
+    negative_free = base_gate.get("method") == "negative-free"
+    cfg.gate.method = "negative-free" if negative_free else "trained"
+    lda = None
+    if negative_free:
+        from uharmony.train.gate import domain_feature_stats, fit_routing
+
+        lda = fit_routing(model, domain_feature_stats(model, new_items + keep_items), base_gate.get("lda"))
+        kept = [d for d in model.domains if d not in data_domains]
+        reporter.log("the negative-free gate's routing refitted by LDA over the given cases"
+                     + (f" (remembered means of {', '.join(kept)})" if kept else ""))
 
     items = new_items + keep_items
     optimizer = make_optimizer(model, cfg)
@@ -169,7 +183,7 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
     # The gate sees every domain equally often. Through the new/replayed groups it would see the new
     # domain as often as all old ones together, a prior that drifted old cases onto the new domain.
     state = LoopState(model=model, config=cfg, items=items, sampler=BalancedSampler(groups), route=route, device=dev,
-                      patch=patch, train_gate=True, gate_sampler=domain_sampler(items))
+                      patch=patch, train_gate=not negative_free, gate_sampler=domain_sampler(items))
 
     def validate(step: int, loss: float) -> None:
         result = evaluate(model, eval_items, union, mode="auto", patch=patch, device=dev, reporter=reporter)
@@ -226,6 +240,9 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
     card["classes"] = [base_entries.get(c["value"], c) for c in class_table(union)]
     card["gate"]["unfamiliar_threshold"] = round(threshold, 6)
     card["gate"]["calibration"] = calibration
+    card["gate"]["method"] = cfg.gate.method
+    if lda is not None:
+        card["gate"]["lda"] = lda
     if cfg.gate.framing > 0:  # else the base's views stay: its gate was trained for them
         card["gate"]["fov_views"] = list(FOV_VIEWS)
     card["limitations"] = list(card.get("limitations", [])) + [

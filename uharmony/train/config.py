@@ -57,6 +57,9 @@ class GateConfig:
     batch_size: int = 8  # whole-image views per step for the gate (its own balanced draw; views are cheap)
     augment: bool = True  # flip, rotate, scale, shift and lightly re-light the gate's views (never GIN)
     framing: float = 0.0  # > 0: views of scans cropped/padded by up to this per side (as refit-gate --framing)
+    method: str = "trained"  # trained (cross-entropy with the network) or negative-free (fixed contrast encoder, LDA routing)
+    pretrain_steps: int = 1500  # negative-free: steps of the contrast encoder's pretraining (cached per gate shape)
+    pretrain_views: int = 1800  # negative-free: random-contrast synthetic views it pretrains on
 
 
 @dataclass
@@ -89,7 +92,8 @@ class TrainConfig:
 ADAPT_DEFAULTS = {"steps": 300, "lr": 1e-3, "val_every": 0, "checkpoint_every": 50}
 # Keys an adaptation takes from the base model; setting them in an adapt config is an error.
 FIXED_BY_BASE = ("method", "spacing_mm", "model.filters", "model.strides", "model.harmony_levels",
-                 "model.poly_degree", "model.clamp", "gate.input_size", "gate.filters")
+                 "model.poly_degree", "model.clamp", "gate.input_size", "gate.filters", "gate.method",
+                 "gate.pretrain_steps", "gate.pretrain_views")
 # Keys that do not change the trained weights, so --resume accepts a change of them.
 RESUME_FREE = ("device", "val_every", "val_cases", "checkpoint_every")
 
@@ -193,6 +197,11 @@ def _validate(c: TrainConfig, where) -> None:
     need(c.gate.weight >= 0, "gate.weight", "must be >= 0")
     need(c.gate.batch_size >= 1, "gate.batch_size", "must be >= 1")
     need(0 <= c.gate.framing < 0.5, "gate.framing", "must be in [0, 0.5)")
+    need(c.gate.method in ("trained", "negative-free"), "gate.method", "must be trained or negative-free")
+    need(c.gate.pretrain_steps >= 1, "gate.pretrain_steps", "must be >= 1")
+    need(c.gate.pretrain_views >= 10, "gate.pretrain_views", "must be >= 10")
+    need(not (c.gate.method == "negative-free" and c.gate.framing > 0), "gate.framing",
+         "must be 0 with gate.method = negative-free (reframed views are for a trained gate)")
 
 
 def read_config_values(path: str | Path) -> dict:

@@ -9,6 +9,12 @@ off. The segmentation network is untouched by it: the gate is a separate small C
 model (every other weight byte-identical) on datalists of the model's domains, labelled or not,
 then recalibrates the unfamiliar-input score and reports gate accuracy per domain before and after.
 Use it when the gate misroutes: unlabelled scans of each domain are enough.
+
+``gate.method = "negative-free"`` replaces the trained gate: its convolutions are the pretrained
+contrast encoder (`uharmony.train.contrast`, as a federation's gate), never trained, and its routing
+rows come from linear discriminant analysis of each domain's pooled features (`fit_routing`): no
+cross-entropy, no negatives, and an adaptation adds a domain by adding its mean, without moving the
+features the old domains are routed by.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch.nn import functional as F
 from uharmony.errors import BadDatalistError, ExitCode, UHarmonyError
 from uharmony.progress import Reporter
 
+GATE_METHODS = ("trained", "negative-free")
 
 def gate_loss(model, items, sampler, route: dict[str, int], rng: np.random.Generator, *, batch_size: int,
               augment: bool, device, framing: float = 0.0) -> torch.Tensor:
@@ -45,6 +52,71 @@ def gate_loss(model, items, sampler, route: dict[str, int], rng: np.random.Gener
     target = torch.tensor([route[items[i].domain] for i in ids], device=device)
     logits, _ = model.gate(small)
     return F.cross_entropy(logits.float(), target)
+
+
+def gate_features(model, items) -> torch.Tensor:
+    """The gate's features (style, then pooled) of the items' un-augmented views, (N, F) on the CPU."""
+    dev = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model.gate(torch.stack([it.small for it in items[i:i + 16]]).to(dev))[1].cpu()
+                          for i in range(0, len(items), 16)])
+
+
+def domain_feature_stats(model, items) -> dict:
+    """Per domain of the items: count, mean and scatter of the gate's pooled features (`FeatureStats`)."""
+    from uharmony.fed.aggregate import FeatureStats
+
+    dim = model.gate.pooled_dim
+    feats = gate_features(model, items).double().numpy()[:, -dim:]
+    domains = np.asarray([it.domain for it in items])
+    return {d: FeatureStats.of(feats[domains == d]) for d in dict.fromkeys(domains.tolist())}
+
+
+def use_contrast_encoder(model, *, steps: int, views: int, reporter: Reporter) -> dict:
+    """Load the contrast encoder of the model's gate shape into its convolutions (pretrained first, once
+    per gate shape, when none is shipped or cached); returns what the card records."""
+    from uharmony.train.contrast import ensure_encoder, load_encoder
+
+    gate = model.gate
+    reporter.log("the gate's contrast encoder: loading it, or pretraining it first if this gate shape has none cached")
+    path = ensure_encoder(gate.convs[0].in_channels, gate.input_size, [c.out_channels for c in gate.convs],
+                          steps=steps, views=views, progress=lambda stage, i, n: reporter.progress(
+                              f"contrast encoder {stage}", i, n))
+    return {"encoder": path.name, "pretraining": load_encoder(gate, path)}
+
+
+def fit_routing(model, stats: dict, remembered: dict | None = None) -> dict:
+    """Set the gate's routing rows by LDA (`uharmony.fed.aggregate.fit_gate_lda`) from per-domain feature
+    statistics; returns the card's record (shrinkage, each domain's count and mean).
+
+    ``remembered``: the card record of an earlier fit; a domain of the model without statistics here
+    keeps its remembered mean (the shared covariance is estimated from the domains that have data).
+    """
+    from uharmony.fed.aggregate import FeatureStats, fit_gate_lda
+
+    stats = dict(stats)
+    counts = {d: int(st.count) for d, st in stats.items()}
+    dim = model.gate.pooled_dim
+    for d, rec in ((remembered or {}).get("domains") or {}).items():
+        if d in model.domains and d not in stats:
+            counts[d] = int(rec["count"])
+            # count 1, no scatter: adds one case and one class to the pooled covariance's degrees of freedom
+            stats[d] = FeatureStats(1, np.asarray(rec["mean"], np.float64), np.zeros((dim, dim)))
+    missing = [d for d in model.domains if d not in stats]
+    if missing:
+        raise BadDatalistError(f"the negative-free gate has no cases and no remembered mean for domain(s) "
+                               f"{', '.join(missing)}; give their datalists with --keep")
+    rows, shrinkage = fit_gate_lda(stats, model.domains)
+    state = {k[len("gate."):]: torch.from_numpy(v) for k, v in rows.items()}
+    with torch.no_grad():
+        for d in model.domains:
+            model.gate.classifier[d].weight.copy_(state[f"classifier.{d}.weight"])
+            model.gate.classifier[d].bias.copy_(state[f"classifier.{d}.bias"])
+    return {"fit": "linear discriminant analysis of the fixed gate's pooled features, pooled within-domain "
+                   "covariance with OAS shrinkage", "shrinkage": round(shrinkage, 6),
+            "domains": {d: {"count": counts[d], "mean": [float(f"{x:.7g}") for x in stats[d].mean]}
+                        for d in model.domains}}
 
 
 @torch.no_grad()

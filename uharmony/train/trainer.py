@@ -43,7 +43,7 @@ from uharmony.progress import Reporter
 from uharmony.train.checkpoint import checkpoint_dir, load_checkpoint, read_checkpoint_state, save_checkpoint
 from uharmony.train.config import TrainConfig, config_hash, load_config
 from uharmony.train.data import BalancedSampler, Prepared, datalist_sha256, load_datasets, prepare_case, random_patch
-from uharmony.train.gate import gate_loss
+from uharmony.train.gate import domain_feature_stats, fit_routing, gate_loss, use_contrast_encoder
 from uharmony.train.losses import MarginalDiceCELoss
 
 OVERLAP = 0.5  # sliding-window overlap for validation and in the card (what `uharmony segment` uses)
@@ -476,6 +476,15 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
             reporter.log(f"note: {d} has no validation split; it is validated on its training cases")
 
     model = model.to(dev)
+    negative_free = cfg.gate.method == "negative-free" and not joint
+    gate_record: dict = {"method": "trained"}
+    if negative_free:  # fixed features, routing fitted once: nothing of the gate is trained in the loop
+        gate_record = {"method": "negative-free", **use_contrast_encoder(
+            model, steps=cfg.gate.pretrain_steps, views=cfg.gate.pretrain_views, reporter=reporter)}
+        model = model.to(dev)
+        gate_record["lda"] = fit_routing(model, domain_feature_stats(model, items))
+        reporter.log(f"the gate routes by LDA on its contrast encoder's features (shrinkage "
+                     f"{gate_record['lda']['shrinkage']:.3f})")
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp and dev.type == "cuda")
     start = 0
@@ -485,7 +494,7 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
 
     groups = [{d: [i for i, it in enumerate(items) if it.domain == d]} for d in data_domains]
     state = LoopState(model=model, config=cfg, items=items, sampler=BalancedSampler(groups), route=route, device=dev,
-                      patch=patch, train_gate=not joint)
+                      patch=patch, train_gate=not joint and not negative_free)
     mode = "joint" if joint else "oracle" if cfg.method == "oracle" else "auto"
     limited = {d: v[:cfg.val_cases] for d, v in val_items.items()}
 
@@ -530,7 +539,8 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
         "domains": domains_card,
         "classes": class_table(union),
         "gate": {"unfamiliar_threshold": round(threshold, 6), "routing": "argmax", "calibration": calibration,
-                 **({"fov_views": list(FOV_VIEWS)} if cfg.gate.framing > 0 else {})},
+                 **({"fov_views": list(FOV_VIEWS)} if cfg.gate.framing > 0 else {}),
+                 **({} if joint else gate_record)},
         "intended_use": "Research. Trained by the user with `uharmony train`; validate it on your own data before "
                         "relying on it. Not a medical device.",
         "limitations": ["Only as good as its training data: " + ", ".join(f"{d.name} ({d.domain})" for d in datasets),
