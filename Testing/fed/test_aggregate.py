@@ -79,6 +79,18 @@ def test_plain_fedavg_mode_is_plain_fedavg_unless_a_server_lr_is_set(tmp_path, k
     assert load_fed_config(tmp_path / "fed.toml").server_lr == want
 
 
+@pytest.mark.parametrize("key, fed_key", [("method", "gate_method"), ("pretrain_steps", "gate_pretrain_steps")])
+def test_training_gate_keys_in_fed_toml_name_the_federation_key(tmp_path, key, fed_key):
+    from uharmony.errors import UHarmonyError
+    from uharmony.fed.config import config_table_markdown, load_fed_config
+
+    (tmp_path / "fed.toml").write_text(f'domains = ["a", "b"]\n[gate]\n{key} = 1\n')
+    with pytest.raises(UHarmonyError) as e:
+        load_fed_config(tmp_path / "fed.toml")
+    assert e.value.code == 2 and f"'gate.{key}'" in e.value.message and repr(fed_key) in e.value.message
+    assert f"`gate.{key}`" not in config_table_markdown() and f"`{fed_key}`" in config_table_markdown()
+
+
 def test_plain_fedavg_switch_averages_everything_with_the_same_weights():
     ups = [Update("1", "ct", 10, arrays(1.0)), Update("2", "mri", 30, arrays(3.0))]
     new = aggregate(glob(), ups, DOMAINS, mode="fedavg")

@@ -23,6 +23,9 @@ from uharmony.train.config import (
 )
 
 GATE_FEATURES = ("contrast", "random")
+# The training config's negative-free gate keys; a federation sets them as gate_method/gate_pretrain_*.
+_TRAIN_ONLY_GATE_KEYS = {"method": "gate_method", "pretrain_steps": "gate_pretrain_steps",
+                         "pretrain_views": "gate_pretrain_views"}
 DEFAULT_CLASSES = ("cerebrospinal fluid", "grey matter", "white matter", "lesion")
 
 
@@ -158,6 +161,10 @@ def load_fed_config(path: str | Path) -> FedConfig:
     values = read_config_values(path)
     if "base" in values:
         _fail("unknown key 'base'", where)
+    gate_values = values.get("gate")
+    for key, fed_key in _TRAIN_ONLY_GATE_KEYS.items():
+        if isinstance(gate_values, dict) and key in gate_values:
+            _fail(f"key 'gate.{key}' is a training key; a federation sets {fed_key!r}", where)
     config = _fill(FedConfig, values, "", where, set())
     if config.aggregation == "fedavg" and "server_lr" not in values:
         config.server_lr = 1.0  # the FedGIN paper's setting is plain FedAvg; server_lr 2 was tuned for uharmony
@@ -170,6 +177,8 @@ def config_table_markdown() -> str:
     """The fed.toml key table of README/docs (a test keeps them equal)."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, default, meaning in doc_rows(FedConfig, skip=("base",)):
+        if key.startswith("gate.") and key[5:] in _TRAIN_ONLY_GATE_KEYS:
+            continue
         if key.startswith(("model.", "gate.")):
             meaning = meaning or "as in docs/training.md"
         lines.append(f"| `{key}` | `{default}` | {meaning} |")
