@@ -16,6 +16,7 @@ from pathlib import Path
 
 from uharmony import __version__
 from uharmony.errors import EXIT_CODE_HELP, BadInputError, ExitCode, UHarmonyError
+from uharmony.train.config import GATE_METHODS
 from uharmony.progress import MODES, Reporter
 
 EPILOG = "exit codes: " + ", ".join(f"{int(c)} {h}" for c, h in EXIT_CODE_HELP.items())
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--single-source", action="store_true",
                    help="instead: one network per training style, with and without GIN, scored on every style "
                         "(GIN's own setting; ~5 min per seed on 2 cores)")
-    q.add_argument("--gate", default="trained", choices=("trained", "negative-free"),
+    q.add_argument("--gate", default="trained", choices=GATE_METHODS,
                    help="the U-Harmony models' gate.method (negative-free: contrast encoder + LDA, no gate training)")
     q.add_argument("--methods", nargs="+", default=["uharmony", "joint", "separate"],
                    choices=("uharmony", "joint", "separate"),

@@ -74,3 +74,7 @@ def test_a_restarted_coordinator_continues_from_the_last_global_model(faults):
     events = procs.events("serve2")
     assert [e["round"] for e in events if e["event"] == "round"] == [2], why
     assert any("continuing after round 1" in e.get("message", "") for e in events), why
+    # the restarted coordinator's card keeps the gate's per-domain means (what `uharmony adapt` refits from)
+    card = json.loads((faults["out"] / "global-model" / "card.json").read_text())
+    lda = card["gate"]["lda"]["domains"]
+    assert {d: v["count"] for d, v in lda.items()} == second["gate"]["fitted_on"], why

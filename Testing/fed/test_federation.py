@@ -139,6 +139,12 @@ def test_negative_free_gate_is_fitted_from_the_accepted_sites_statistics(federat
     assert counts == [2, 2, 3]
     card = json.loads((out / "global-model" / "card.json").read_text())
     assert card["gate"]["calibration"]["routing_fit"].startswith("negative-free")
+    # what `uharmony adapt` refits the rows from later: each domain's pooled count and mean, as `train` writes
+    assert card["gate"]["method"] == "negative-free" and set(card["gate"]["lda"]["domains"]) == set(by_domain)
+    for d, st in by_domain.items():
+        assert card["gate"]["lda"]["domains"][d]["count"] == st.count
+        np.testing.assert_allclose(card["gate"]["lda"]["domains"][d]["mean"], st.mean, rtol=1e-6, atol=1e-9)
+    assert card["gate"]["lda"]["shrinkage"] == pytest.approx(second["gate"]["shrinkage"], abs=1e-4)
     assert card["gate"]["calibration"]["features"]["kind"] == "contrast encoder"
     assert card["gate"]["calibration"]["features"]["steps"] == 10
     assert card["gate"]["calibration"]["fitted_on"] == {"synth-t1": 5, "synth-t2": 2}
@@ -179,3 +185,33 @@ def test_sigterm_ends_a_site_cleanly_with_exit_8(federation):
     assert procs.wait("site-a", 30) == 8
     last = procs.events("site-a")[-1]
     assert last["event"] == "error" and last["code"] == 8
+
+
+def test_adapting_the_federated_model_refits_its_gate_from_the_remembered_means(federation, tmp_path):
+    """A site adapts the federation's model to a new contrast with its own cases only (no --keep): the old
+    domains' routing comes from the means the coordinator recorded, the fixed features stay fixed."""
+    import subprocess
+
+    from fed_helpers import UHARMONY, env
+    from safetensors.numpy import load_file
+
+    from uharmony.train.data import write_synth_datalist
+
+    base = federation["out"] / "global-model"
+    new = write_synth_datalist(tmp_path / "flair", "synth-flair", domain="flair", name="flair",
+                               training_seeds=(81, 82, 83), spacing_mm=6.0)
+    (tmp_path / "adapt.toml").write_text("steps = 2\ncheckpoint_every = 0\n")
+    p = subprocess.run([*UHARMONY, "adapt", "--model", str(base), "--data", str(new), "--out", str(tmp_path / "adapted"),
+                        "--config", str(tmp_path / "adapt.toml")], env=env(), capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "remembered means of synth-t1, synth-t2" in p.stderr
+    old = json.loads((base / "card.json").read_text())["gate"]["lda"]["domains"]
+    card = json.loads((tmp_path / "adapted" / "card.json").read_text())
+    assert card["gate"]["method"] == "negative-free"
+    lda = card["gate"]["lda"]["domains"]
+    assert lda["synth-t1"] == old["synth-t1"] and lda["synth-t2"] == old["synth-t2"] and lda["flair"]["count"] == 3
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(tmp_path / "adapted" / "model.safetensors"))
+    convs = [k for k in before if k.startswith("gate.convs.")]
+    assert convs and all(np.array_equal(before[k], after[k]) for k in convs)
+    assert "gate.classifier.flair.weight" in after

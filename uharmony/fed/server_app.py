@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,7 @@ def gate_stats_reference(model) -> A.FeatureStats:
     return A.FeatureStats.of(reference_features(model.gate))
 
 
-def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
+def make_card(s: dict, arch: dict, round_no: int, entry: dict, lda: dict | None = None) -> dict:
     from uharmony import __version__
     from uharmony.data.preprocess import DEFAULT_NORMALIZATION
     from uharmony.train.trainer import OVERLAP, class_table
@@ -170,7 +171,10 @@ def make_card(s: dict, arch: dict, round_no: int, entry: dict) -> dict:
                      "annotated_classes": list(s["classes"])} for d in arch["domains"]],
         "classes": class_table(union),
         "gate": {"unfamiliar_threshold": fam["threshold"] if fam else 1e6, "routing": "argmax",
-                 "calibration": {**familiarity_record(s, fam), **gate_fit_record(s, entry)}},
+                 "calibration": {**familiarity_record(s, fam), **gate_fit_record(s, entry)},
+                 # as `uharmony train`'s cards: adapt refits a negative-free gate's rows from these means
+                 "method": "negative-free" if gate_method_of(s) == "negative-free" else "trained",
+                 **({"lda": lda} if lda else {})},
         "intended_use": "Research. A federated model; validate it on your own data before relying on it. "
                         "Not a medical device.",
         "limitations": ["The unfamiliar-input flag compares the fixed gate's features with every site's training "
@@ -250,6 +254,7 @@ class UHarmonyStrategy(FedAvg):
         # so a site that misses a round (or whose update is rejected) still describes its data.
         self.site_stats = load_gate_stats(stats_file, self.domains) if s.get("resume_from") and stats_file.exists() \
             else {}
+        self.lda = self.lda_of(self.pooled_stats()) if self.site_stats else None  # the card's gate.lda
         self.stats_reference = gate_stats_reference(model) if self.stats_dim else None
         self.expected = {k: (v.shape, str(v.dtype)) for k, v in self.global_np.items()}
         self.history: list[float] = list(s.get("history", []))
@@ -376,21 +381,36 @@ class UHarmonyStrategy(FedAvg):
                 refused.append({"site": u.site, "domain": u.domain, "reason": why})
             else:
                 self.site_stats[u.site] = (u.domain, u.extra["gate_stats"])
-        by_domain: dict[str, list] = {}
-        for domain, st in self.site_stats.values():
-            by_domain.setdefault(domain, []).append(st)
-        gate_stats = {d: A.pool(v) for d, v in by_domain.items()}
+        gate_stats = self.pooled_stats()
+        sites = Counter(domain for domain, _ in self.site_stats.values())
         rows, shrinkage = A.fit_gate_lda(gate_stats, self.domains)
         self.global_np.update(rows)
+        self.lda = self.lda_of(gate_stats, shrinkage)
         familiar = self.fit_familiarity(gate_stats)
         save_gate_stats(self.out / GATE_STATS_FILE, self.site_stats)
         fresh = {u.site for u in accepted} - {r["site"] for r in refused}
         self.entry["gate"] = {"fitted_on": {d: gate_stats[d].count for d in self.domains if d in gate_stats},
-                              "sites": {d: len(by_domain[d]) for d in self.domains if d in by_domain},
+                              "sites": {d: sites[d] for d in self.domains if d in sites},
                               "from_earlier_rounds": sorted(s for s in self.site_stats if s not in fresh),
                               "never_chosen": [d for d in self.domains if d not in gate_stats],
                               "shrinkage": round(shrinkage, 4), "familiarity_fitted": familiar,
                               "stats_plausibility": measured, "stats_rejected": refused}
+
+    def pooled_stats(self) -> dict[str, A.FeatureStats]:
+        """Each domain's gate-feature statistics: the kept statistics of its sites, pooled."""
+        by_domain: dict[str, list] = {}
+        for domain, st in self.site_stats.values():
+            by_domain.setdefault(domain, []).append(st)
+        return {d: A.pool(v) for d, v in by_domain.items()}
+
+    def lda_of(self, gate_stats: dict[str, A.FeatureStats], shrinkage: float | None = None) -> dict | None:
+        from uharmony.train.gate import lda_record
+
+        if not gate_stats:
+            return None
+        if shrinkage is None:
+            shrinkage = A.fit_gate_lda(gate_stats, self.domains)[1]
+        return lda_record(gate_stats, shrinkage, self.domains)
 
     def fit_familiarity(self, gate_stats: dict[str, A.FeatureStats]) -> list[str]:
         """Each described domain's unfamiliar-input Gaussian (``gate.calibration.<d>.*``) from its pooled
@@ -456,7 +476,7 @@ class UHarmonyStrategy(FedAvg):
         if fam:
             e["familiarity"] = fam
         load_portable_state_dict(self.model, {k: torch.from_numpy(v.copy()) for k, v in self.global_np.items()})
-        card = make_card(self.s, self.arch, round_no, e)
+        card = make_card(self.s, self.arch, round_no, e, self.lda)
         (self.out / "rounds").mkdir(parents=True, exist_ok=True)
         save_package(self.model, card, self.out / "rounds" / f"{round_no:04d}", overwrite=True)
         save_package(self.model, card, self.out / GLOBAL, overwrite=True)

@@ -29,6 +29,7 @@ from typing import Any, get_type_hints
 from uharmony.errors import ExitCode, UHarmonyError
 
 METHODS = ("uharmony", "joint", "separate", "oracle")
+GATE_METHODS = ("trained", "negative-free")  # gate.method
 
 
 @dataclass
@@ -197,7 +198,7 @@ def _validate(c: TrainConfig, where) -> None:
     need(c.gate.weight >= 0, "gate.weight", "must be >= 0")
     need(c.gate.batch_size >= 1, "gate.batch_size", "must be >= 1")
     need(0 <= c.gate.framing < 0.5, "gate.framing", "must be in [0, 0.5)")
-    need(c.gate.method in ("trained", "negative-free"), "gate.method", "must be trained or negative-free")
+    need(c.gate.method in GATE_METHODS, "gate.method", f"must be one of {', '.join(GATE_METHODS)}")
     need(c.gate.pretrain_steps >= 1, "gate.pretrain_steps", "must be >= 1")
     need(c.gate.pretrain_views >= 10, "gate.pretrain_views", "must be >= 10")
     need(not (c.gate.method == "negative-free" and c.gate.framing > 0), "gate.framing",

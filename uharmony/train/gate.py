@@ -31,7 +31,6 @@ from torch.nn import functional as F
 from uharmony.errors import BadDatalistError, ExitCode, UHarmonyError
 from uharmony.progress import Reporter
 
-GATE_METHODS = ("trained", "negative-free")
 
 def gate_loss(model, items, sampler, route: dict[str, int], rng: np.random.Generator, *, batch_size: int,
               augment: bool, device, framing: float = 0.0) -> torch.Tensor:
@@ -113,10 +112,17 @@ def fit_routing(model, stats: dict, remembered: dict | None = None) -> dict:
         for d in model.domains:
             model.gate.classifier[d].weight.copy_(state[f"classifier.{d}.weight"])
             model.gate.classifier[d].bias.copy_(state[f"classifier.{d}.bias"])
+    return lda_record(stats, shrinkage, model.domains, counts)
+
+
+def lda_record(stats: dict, shrinkage: float, domains: list[str], counts: dict[str, int] | None = None) -> dict:
+    """The card's ``gate.lda``: the shrinkage and each described domain's case count and feature mean, what
+    `uharmony adapt` needs to refit the routing rows later without that domain's cases."""
+    counts = counts or {d: int(st.count) for d, st in stats.items()}
     return {"fit": "linear discriminant analysis of the fixed gate's pooled features, pooled within-domain "
                    "covariance with OAS shrinkage", "shrinkage": round(shrinkage, 6),
             "domains": {d: {"count": counts[d], "mean": [float(f"{x:.7g}") for x in stats[d].mean]}
-                        for d in model.domains}}
+                        for d in domains if d in stats}}
 
 
 @torch.no_grad()
