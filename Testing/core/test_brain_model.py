@@ -28,6 +28,8 @@ def test_the_bundled_card_records_every_stage_of_the_repository_recipe():
     used = card["training"]["config"]
     assert used["steps"] == last.steps and used["class_balance"] is last.class_balance is True
     assert used["lr"] == last.lr and used["fg_prob"] == last.fg_prob and used["seed"] == last.seed
+    # trained before domain_lr_scale existed, i.e. with factor 1, which every brain config pins
+    assert used.get("domain_lr_scale", 1.0) == last.domain_lr_scale == 1.0
     assert used["augment"]["gin"] is last.augment.gin is False and used["gate"]["weight"] == last.gate.weight == 0
     # stage 10: the gate refit, on the gate heads of `brain.py data` (gate2/ for T1)
     refit = card["gate"]["refit"]

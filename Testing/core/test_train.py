@@ -428,3 +428,53 @@ def test_gin_kernel_sizes_reach_the_augmentation(data, tmp_path, capsys, monkeyp
     assert seen == [(1,), (1,)]  # one GIN per step
     card = json.loads((tmp_path / "k1" / "card.json").read_text())
     assert card["training"]["config"]["augment"]["gin_kernel_sizes"] == [1]
+
+
+@pytest.mark.parametrize("setting, own_scale", [(0.0, 2.0), (1.0, 1.0)])
+def test_each_domains_own_parameters_step_at_domain_lr_scale_times_the_rate(data, setting, own_scale):
+    """Adam's first step moves every parameter with a gradient by about its group's learning rate: the
+    domains' own parameters (stage 2, heads) by domain_lr_scale x the schedule's (0: the 2 domains)."""
+    from uharmony.data.datalist import union_label_space
+    from uharmony.model.network import ArchConfig, UHarmonyNet
+    from uharmony.progress import Reporter
+    from uharmony.train.data import BalancedSampler, load_datasets
+    from uharmony.train.losses import MarginalDiceCELoss
+    from uharmony.train.trainer import LoopState, lr_at, make_optimizer, prepare_items, train_step
+
+    torch.manual_seed(0)
+    datasets = load_datasets([str(data["a"]), str(data["b"])])
+    union, maps = union_label_space(datasets)
+    cfg = TrainConfig(steps=10, patch_size=[16, 16, 16], spacing_mm=[6.0] * 3, lr=1e-3, domain_lr_scale=setting,
+                      amp=False)
+    cfg.augment.gin = False
+    model = UHarmonyNet(ArchConfig(num_classes=len(union), domains=["synth-t1", "synth-t2"], filters=[4, 8, 16],
+                                   strides=[1, 2, 2], gate_input_size=[8, 8, 8], gate_filters=[4, 8]))
+    items = prepare_items(datasets, maps, union, cfg.spacing_mm, model.gate.downsample, Reporter("none"),
+                          split="training")
+    route = {"synth-t1": 0, "synth-t2": 1}
+    optimizer = make_optimizer(model, cfg, len(route))
+    own = {n for n, _ in model.named_parameters() if ".harmony." in n or n.startswith("heads.")}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert own and {names[id(p)] for g in optimizer.param_groups if g["lr_scale"] == own_scale for p in g["params"]} \
+        >= own
+    assert all(g["lr_scale"] == 1.0 for g in optimizer.param_groups if any(names[id(p)] not in own for p in g["params"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = LoopState(model=model, config=cfg, items=items, route=route, device=torch.device("cpu"), patch=(16, 16, 16),
+                      sampler=BalancedSampler([{d: [i for i, it in enumerate(items) if it.domain == d]} for d in route]),
+                      train_gate=False)
+    train_step(state, 1, optimizer, torch.amp.GradScaler("cpu", enabled=False), MarginalDiceCELoss(len(union)))
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    step = lr_at(cfg, 1)
+    assert max(moved[n] for n in own) == pytest.approx(own_scale * step, rel=0.02)
+    shared = [n for n in moved if n not in own and not n.startswith("gate.")]
+    assert max(moved[n] for n in shared) == pytest.approx(step, rel=0.02)
+
+
+def test_domain_lr_scale_out_of_range_is_one_line_exit_2(tmp_path):
+    from uharmony.errors import UHarmonyError
+
+    path = tmp_path / "bad.toml"
+    path.write_text("domain_lr_scale = -1\n")
+    with pytest.raises(UHarmonyError) as e:
+        load_config(path)
+    assert e.value.code == ExitCode.USAGE and "'domain_lr_scale'" in str(e.value)

@@ -171,7 +171,7 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
                      + (f" (remembered means of {', '.join(kept)})" if kept else ""))
 
     items = new_items + keep_items
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, len(set(route.values())))
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp and dev.type == "cuda")
     start = 0
     if resume:

@@ -75,6 +75,7 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate (AdamW; linear warm-up over 5% of the steps, then poly decay 0.9)
     weight_decay: float = 1e-5  # AdamW weight decay on conv/linear weights (not on norms, U-Harmony or biases)
     poly_weight_decay: float = 1e-4  # weight of polynomial_penalty: sum of squares of every gamma_k, k >= 2
+    domain_lr_scale: float = 0.0  # learning rate x this for each domain's own parameters (stage 2, head); 0: the number of domains trained
     seed: int = 0  # every step's randomness is a function of (seed, step)
     val_every: int = 200  # validate every this many steps (0: only at the end)
     val_cases: int = 8  # at most this many validation cases per domain in each validation
@@ -168,6 +169,7 @@ def _validate(c: TrainConfig, where) -> None:
     need(c.lr > 0, "lr", "must be > 0")
     need(c.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(c.poly_weight_decay >= 0, "poly_weight_decay", "must be >= 0")
+    need(0 <= c.domain_lr_scale <= 100, "domain_lr_scale", "must be in [0, 100] (0: the number of domains trained)")
     need(c.seed >= 0, "seed", "must be >= 0")
     need(c.val_every >= 0, "val_every", "must be >= 0")
     need(c.val_cases >= 1, "val_cases", "must be >= 1")

@@ -80,12 +80,25 @@ def lr_at(config: TrainConfig, step: int) -> float:
     return config.lr * min(1.0, step / warm) * (1.0 - (step - 1) / config.steps) ** 0.9
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def domain_lr_scale(config: TrainConfig, domains_trained: int) -> float:
+    """The learning-rate factor of each domain's own parameters: ``config.domain_lr_scale``, or with 0 the
+    number of domains trained together. Each domain's stage-2 parameters and head are in the graph only for
+    its own patches, 1/D of them, while the shared layers learn from all; at the same Adam step size they
+    lagged (bench generalize at 500 steps: CT 15.7 -> 31.3 Dice with the factor 3, seed 0)."""
+    return float(config.domain_lr_scale) if config.domain_lr_scale > 0 else float(max(1, domains_trained))
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, domains_trained: int = 1) -> torch.optim.Optimizer:
+    """AdamW: weight decay on conv/linear weights only; each domain's own parameters (U-Harmony stage 2,
+    heads) in a group whose learning rate is `domain_lr_scale` x the schedule's (its ``lr_scale``)."""
+    scale = domain_lr_scale(config, domains_trained)
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
-        (decay if p.ndim > 1 and ".harmony." not in name else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        own = ".harmony." in name or name.startswith("heads.")
+        groups.setdefault((p.ndim > 1 and ".harmony." not in name, own), []).append(p)
+    return torch.optim.AdamW([{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
+                               "lr_scale": scale if own else 1.0} for (decay, own), params in groups.items()],
+                             lr=config.lr)
 
 
 def train_step(state: LoopState, step: int, optimizer, scaler, loss_fn: MarginalDiceCELoss) -> dict:
@@ -103,7 +116,7 @@ def train_step(state: LoopState, step: int, optimizer, scaler, loss_fn: Marginal
     target = torch.tensor([state.route[state.items[i].domain] for i in chosen], device=device)
     routing = F.one_hot(target, len(model.domains)).float()
     for g in optimizer.param_groups:
-        g["lr"] = lr_at(cfg, step)
+        g["lr"] = lr_at(cfg, step) * g.get("lr_scale", 1.0)
 
     model.train()
     out: dict = {}
@@ -485,7 +498,7 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
         gate_record["lda"] = fit_routing(model, domain_feature_stats(model, items))
         reporter.log(f"the gate routes by LDA on its contrast encoder's features (shrinkage "
                      f"{gate_record['lda']['shrinkage']:.3f})")
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, len(set(route.values())))
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp and dev.type == "cuda")
     start = 0
     if resume:
