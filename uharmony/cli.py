@@ -16,8 +16,8 @@ from pathlib import Path
 
 from uharmony import __version__
 from uharmony.errors import EXIT_CODE_HELP, BadInputError, ExitCode, UHarmonyError
-from uharmony.train.config import GATE_METHODS
 from uharmony.progress import MODES, Reporter
+from uharmony.train.config import GATE_METHODS
 
 EPILOG = "exit codes: " + ", ".join(f"{int(c)} {h}" for c, h in EXIT_CODE_HELP.items())
 

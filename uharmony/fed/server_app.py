@@ -254,7 +254,6 @@ class UHarmonyStrategy(FedAvg):
         # so a site that misses a round (or whose update is rejected) still describes its data.
         self.site_stats = load_gate_stats(stats_file, self.domains) if s.get("resume_from") and stats_file.exists() \
             else {}
-        self.lda = self.lda_of(self.pooled_stats()) if self.site_stats else None  # the card's gate.lda
         self.stats_reference = gate_stats_reference(model) if self.stats_dim else None
         self.expected = {k: (v.shape, str(v.dtype)) for k, v in self.global_np.items()}
         self.history: list[float] = list(s.get("history", []))
@@ -385,7 +384,6 @@ class UHarmonyStrategy(FedAvg):
         sites = Counter(domain for domain, _ in self.site_stats.values())
         rows, shrinkage = A.fit_gate_lda(gate_stats, self.domains)
         self.global_np.update(rows)
-        self.lda = self.lda_of(gate_stats, shrinkage)
         familiar = self.fit_familiarity(gate_stats)
         save_gate_stats(self.out / GATE_STATS_FILE, self.site_stats)
         fresh = {u.site for u in accepted} - {r["site"] for r in refused}
@@ -403,14 +401,15 @@ class UHarmonyStrategy(FedAvg):
             by_domain.setdefault(domain, []).append(st)
         return {d: A.pool(v) for d, v in by_domain.items()}
 
-    def lda_of(self, gate_stats: dict[str, A.FeatureStats], shrinkage: float | None = None) -> dict | None:
+    def lda_record(self) -> dict | None:
+        """The card's ``gate.lda`` (each described domain's pooled count and mean): what the rows in force were
+        fitted from, since the kept statistics change only when the rows are refitted. None without any."""
         from uharmony.train.gate import lda_record
 
+        gate_stats = self.pooled_stats()
         if not gate_stats:
             return None
-        if shrinkage is None:
-            shrinkage = A.fit_gate_lda(gate_stats, self.domains)[1]
-        return lda_record(gate_stats, shrinkage, self.domains)
+        return lda_record(gate_stats, A.fit_gate_lda(gate_stats, self.domains)[1], self.domains)
 
     def fit_familiarity(self, gate_stats: dict[str, A.FeatureStats]) -> list[str]:
         """Each described domain's unfamiliar-input Gaussian (``gate.calibration.<d>.*``) from its pooled
@@ -476,7 +475,7 @@ class UHarmonyStrategy(FedAvg):
         if fam:
             e["familiarity"] = fam
         load_portable_state_dict(self.model, {k: torch.from_numpy(v.copy()) for k, v in self.global_np.items()})
-        card = make_card(self.s, self.arch, round_no, e, self.lda)
+        card = make_card(self.s, self.arch, round_no, e, self.lda_record())
         (self.out / "rounds").mkdir(parents=True, exist_ok=True)
         save_package(self.model, card, self.out / "rounds" / f"{round_no:04d}", overwrite=True)
         save_package(self.model, card, self.out / GLOBAL, overwrite=True)
