@@ -79,6 +79,25 @@ def test_plain_fedavg_mode_is_plain_fedavg_unless_a_server_lr_is_set(tmp_path, k
     assert load_fed_config(tmp_path / "fed.toml").server_lr == want
 
 
+@pytest.mark.parametrize("keys, want", [("", 3.0), ("[train]\ndomain_lr_scale = 1.5", 1.5),
+                                        ('aggregation = "fedavg"', 1.0)])
+def test_sites_own_parameters_learn_at_the_number_of_domains_by_default(tmp_path, keys, want):
+    from uharmony.fed.config import load_fed_config, site_domain_lr_scale
+
+    (tmp_path / "fed.toml").write_text(f'domains = ["a", "b", "c"]\n{keys}\n')
+    assert site_domain_lr_scale(load_fed_config(tmp_path / "fed.toml").to_dict()) == want
+
+
+def test_a_negative_domain_lr_scale_is_refused_with_its_key(tmp_path):
+    from uharmony.errors import UHarmonyError
+    from uharmony.fed.config import load_fed_config
+
+    (tmp_path / "fed.toml").write_text('domains = ["a", "b"]\n[train]\ndomain_lr_scale = -1\n')
+    with pytest.raises(UHarmonyError) as e:
+        load_fed_config(tmp_path / "fed.toml")
+    assert e.value.code == 2 and "train.domain_lr_scale" in e.value.message
+
+
 @pytest.mark.parametrize("key, fed_key", [("method", "gate_method"), ("pretrain_steps", "gate_pretrain_steps")])
 def test_training_gate_keys_in_fed_toml_name_the_federation_key(tmp_path, key, fed_key):
     from uharmony.errors import UHarmonyError

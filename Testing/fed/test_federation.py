@@ -139,6 +139,7 @@ def test_negative_free_gate_is_fitted_from_the_accepted_sites_statistics(federat
     assert counts == [2, 2, 3]
     card = json.loads((out / "global-model" / "card.json").read_text())
     assert card["gate"]["calibration"]["routing_fit"].startswith("negative-free")
+    assert card["training"]["domain_lr_scale"] == float(len(card["domains"]))  # the default factor, resolved
     # what `uharmony adapt` refits the rows from later: each domain's pooled count and mean, as `train` writes
     assert card["gate"]["method"] == "negative-free" and set(card["gate"]["lda"]["domains"]) == set(by_domain)
     for d, st in by_domain.items():

@@ -97,6 +97,28 @@ def test_train_reply_holds_only_whitelisted_content(round_messages, monkeypatch)
                       classes=strategy.classes[1:])
 
 
+def test_a_site_trains_its_own_parameters_at_the_coordinators_factor(round_messages):
+    from uharmony.fed import client_app
+    from uharmony.fed import messages as M
+    from uharmony.train.trainer import make_optimizer
+
+    strategy, message, _, _ = round_messages
+    msg = message("train")
+    rs = client_app.round_settings(msg.content[M.CONFIG])
+    assert len(strategy.domains) == 2 and rs["train"]["domain_lr_scale"] == 2.0  # 0 resolved by the coordinator
+    model = client_app.build_model(rs, msg.content[M.ARRAYS])
+    optimizer = make_optimizer(model, client_app.train_config(rs, "synth-t1"))
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        own = ".harmony." in name or name.startswith("heads.")
+        assert scale[id(p)] == (2.0 if own else 1.0), name
+    old = {k: v for k, v in rs["train"].items() if k != "domain_lr_scale"}
+    assert client_app.site_lr_scale(old) == 1.0  # a coordinator that predates the key
+    for bad in (0.0, -1.0, 1000.0, float("nan")):  # a received value is bounded, as the config loader bounds it
+        with pytest.raises(ValueError, match="domain_lr_scale"):
+            client_app.site_lr_scale({**rs["train"], "domain_lr_scale": bad})
+
+
 def test_averaged_gate_sends_the_whole_gate_and_no_statistics(round_messages, monkeypatch):
     from flwr.app import ConfigRecord
 

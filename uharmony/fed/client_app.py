@@ -102,11 +102,20 @@ def train_config(rs: dict, domain: str):
     t = rs["train"]
     return TrainConfig(steps=rs["rounds"] * t["local_steps"], batch_size=t["batch_size"], patch_size=t["patch_size"],
                        spacing_mm=t["spacing_mm"], fg_prob=t["fg_prob"], lr=t["lr"], weight_decay=t["weight_decay"],
-                       poly_weight_decay=t["poly_weight_decay"],
+                       poly_weight_decay=t["poly_weight_decay"], domain_lr_scale=site_lr_scale(t),
                        seed=int(t["seed"]) * 1000003 + zlib.crc32(domain.encode()) % 1000003,
                        amp=t["amp"], augment=AugmentConfig(gin=t["gin"], gin_p=t["gin_p"]),
                        gate=GateConfig(input_size=rs["arch"]["gate_input_size"], filters=rs["arch"]["gate_filters"],
                                        weight=t["gate_weight"]))
+
+
+def site_lr_scale(t: dict) -> float:
+    """The coordinator's resolved `domain_lr_scale` (1 from a coordinator that predates it); a received value
+    outside (0, 100] is refused, as the config loader would."""
+    scale = float(t.get("domain_lr_scale", 1.0))
+    if not 0 < scale <= 100:
+        raise ValueError(f"the coordinator sent domain_lr_scale = {scale}; a site accepts (0, 100]")
+    return scale
 
 
 def local_train(rs: dict, arrays, settings: dict, device=None) -> tuple[dict, int, dict]:

@@ -37,6 +37,7 @@ class FedTrainConfig:
     spacing_mm: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])  # model grid spacing
     fg_prob: float = 0.67  # probability that a patch is centred on a foreground voxel
     lr: float = 3e-3  # peak learning rate (warm-up then poly decay over rounds x local_steps)
+    domain_lr_scale: float = 0.0  # learning rate x this for each domain's own parameters (stage 2, head) at its site; 0: the number of the federation's domains (1 with aggregation = "fedavg")
     weight_decay: float = 1e-5  # AdamW weight decay on conv/linear weights
     poly_weight_decay: float = 1e-4  # weight of the penalty on stage-2 polynomial gammas (k >= 2)
     seed: int = 0  # seeds the initial model and (with the domain name) each site's steps
@@ -135,6 +136,8 @@ def _validate(c: FedConfig, where) -> None:
          "must be 3 spacings between 0.05 and 20 mm")
     need(0 <= t.fg_prob <= 1, "train.fg_prob", "must be in [0, 1]")
     need(t.lr > 0, "train.lr", "must be > 0")
+    need(0 <= t.domain_lr_scale <= 100, "train.domain_lr_scale",
+         "must be in [0, 100] (0: the number of the federation's domains)")
     need(t.weight_decay >= 0 and t.poly_weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.seed >= 0, "train.seed", "must be >= 0")
     need(0 <= t.gin_p <= 1, "train.gin_p", "must be in [0, 1]")
@@ -153,6 +156,18 @@ def _validate(c: FedConfig, where) -> None:
     need(len(c.gate.input_size) == 3 and all(s >= 4 for s in c.gate.input_size), "gate.input_size",
          "must be 3 sizes >= 4")
     need(len(c.gate.filters) >= 2, "gate.filters", "must be >= 2 channel counts")
+
+
+def site_domain_lr_scale(settings: dict) -> float:
+    """The factor a site's own-domain parameters learn at: `train.domain_lr_scale` of the settings
+    (`FedConfig.to_dict()`), 0 resolved to the number of the federation's domains.
+
+    A site trains only its domain, but on 1/D of the federation's steps, so its stage-2 parameters and head
+    take 1/D of the steps the shared layers take in all, as in centralized training with D domains."""
+    if settings["aggregation"] == "fedavg":  # a plain model has no per-domain parameters
+        return 1.0
+    scale = float(settings["train"].get("domain_lr_scale", 0.0))
+    return scale if scale > 0 else float(max(1, len(settings["domains"])))
 
 
 def load_fed_config(path: str | Path) -> FedConfig:

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from uharmony.fed import aggregate as A
 from uharmony.fed import messages as M
+from uharmony.fed.config import site_domain_lr_scale
 
 app = ServerApp()
 ROUND_LOG = "rounds.jsonl"
@@ -187,6 +188,7 @@ def make_card(s: dict, arch: dict, round_no: int, entry: dict, lda: dict | None 
                         "Only as good as the sites' data: " + ", ".join(s["domains"])],
         "training": {"method": f"federated-{s['aggregation']}", "round": round_no, "rounds": s["rounds"],
                      "local_steps": s["train"]["local_steps"], "gin": s["train"]["gin"],
+                     "domain_lr_scale": site_domain_lr_scale(s),
                      "participants": [{"domain": p["domain"], "samples": p["samples"]}
                                       for p in entry["participants"] if p.get("accepted")],
                      "uharmony_version": __version__, "domains": list(s["domains"])},
@@ -296,7 +298,7 @@ class UHarmonyStrategy(FedAvg):
 
     def round_config(self, round_no: int, sites: int) -> ConfigRecord:
         t = dict(self.s["train"], joint=self.s["aggregation"] == "fedavg", gate_weight=self.s["gate"]["weight"],
-                 gate_method=self.gate_method)
+                 gate_method=self.gate_method, domain_lr_scale=site_domain_lr_scale(self.s))
         return ConfigRecord({"global-round": round_no, "num-rounds": int(self.s["rounds"]), "num-sites": sites,
                              "arch": M.encode_json(self.arch), "classes": M.encode_json(self.classes),
                              "train": M.encode_json(t)})
