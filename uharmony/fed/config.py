@@ -20,6 +20,7 @@ from uharmony.train.config import (
     _fill,
     doc_rows,
     read_config_values,
+    resolved_domain_lr_scale,
 )
 
 GATE_FEATURES = ("contrast", "random")
@@ -166,8 +167,7 @@ def site_domain_lr_scale(settings: dict) -> float:
     take 1/D of the steps the shared layers take in all, as in centralized training with D domains."""
     if settings["aggregation"] == "fedavg":  # a plain model has no per-domain parameters
         return 1.0
-    scale = float(settings["train"].get("domain_lr_scale", 0.0))
-    return scale if scale > 0 else float(max(1, len(settings["domains"])))
+    return resolved_domain_lr_scale(settings["train"].get("domain_lr_scale", 0.0), len(settings["domains"]))
 
 
 def load_fed_config(path: str | Path) -> FedConfig:

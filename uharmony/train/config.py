@@ -154,6 +154,14 @@ def _fill(cls, values: dict, prefix: str, where, given: set[str]):
     return obj
 
 
+def resolved_domain_lr_scale(scale: float, domains_trained: int) -> float:
+    """The learning-rate factor of each domain's own parameters: ``scale`` (`domain_lr_scale`), or with 0 the
+    number of domains trained together. Each domain's stage-2 parameters and head are in the graph only for
+    its own patches, 1/D of them, while the shared layers learn from all; at the same Adam step size they
+    lagged (bench generalize at 500 steps: CT 15.7 -> 31.3 Dice with the factor 3, seed 0)."""
+    return float(scale) if scale > 0 else float(max(1, domains_trained))
+
+
 def _validate(c: TrainConfig, where) -> None:
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:

@@ -41,7 +41,7 @@ from uharmony.model.package import save_package
 from uharmony.model.terminology import standard_class
 from uharmony.progress import Reporter
 from uharmony.train.checkpoint import checkpoint_dir, load_checkpoint, read_checkpoint_state, save_checkpoint
-from uharmony.train.config import TrainConfig, config_hash, load_config
+from uharmony.train.config import TrainConfig, config_hash, load_config, resolved_domain_lr_scale
 from uharmony.train.data import BalancedSampler, Prepared, datalist_sha256, load_datasets, prepare_case, random_patch
 from uharmony.train.gate import domain_feature_stats, fit_routing, gate_loss, use_contrast_encoder
 from uharmony.train.losses import MarginalDiceCELoss
@@ -80,18 +80,10 @@ def lr_at(config: TrainConfig, step: int) -> float:
     return config.lr * min(1.0, step / warm) * (1.0 - (step - 1) / config.steps) ** 0.9
 
 
-def domain_lr_scale(config: TrainConfig, domains_trained: int) -> float:
-    """The learning-rate factor of each domain's own parameters: ``config.domain_lr_scale``, or with 0 the
-    number of domains trained together. Each domain's stage-2 parameters and head are in the graph only for
-    its own patches, 1/D of them, while the shared layers learn from all; at the same Adam step size they
-    lagged (bench generalize at 500 steps: CT 15.7 -> 31.3 Dice with the factor 3, seed 0)."""
-    return float(config.domain_lr_scale) if config.domain_lr_scale > 0 else float(max(1, domains_trained))
-
-
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, domains_trained: int = 1) -> torch.optim.Optimizer:
     """AdamW: weight decay on conv/linear weights only; each domain's own parameters (U-Harmony stage 2,
     heads) in a group whose learning rate is `domain_lr_scale` x the schedule's (its ``lr_scale``)."""
-    scale = domain_lr_scale(config, domains_trained)
+    scale = resolved_domain_lr_scale(config.domain_lr_scale, domains_trained)
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         own = ".harmony." in name or name.startswith("heads.")
