@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--work", default=None, help="folder for the generated data and the trained models")
     q.add_argument("--quick", action="store_true", help="tiny smoke run (seconds; the figures mean nothing)")
     q.add_argument("--json", default=None)
-    q.add_argument("--from-json", default=None, help="only re-print the table and targets of an earlier --json")
+    q.add_argument("--from-json", nargs="+", default=None,
+                   help="only re-print the table and targets of earlier --json results; several files of the same "
+                        "budget (runs split over processes) print as one table")
     q.add_argument("--single-source", action="store_true",
                    help="instead: one network per training style, with and without GIN, scored on every style "
                         "(GIN's own setting; ~5 min per seed on 2 cores)")
@@ -112,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--methods", nargs="+", default=["uharmony", "joint", "separate"],
                    choices=("uharmony", "joint", "separate"),
                    help="which methods to train (uharmony brings its oracle and the adaptation rows)")
+    q.add_argument("--gin", default="both", choices=("both", "off", "on"),
+                   help="train each method without GIN, with it, or both (default)")
+    q.add_argument("--no-adapt", action="store_true",
+                   help="leave out the adaptation rows (they adapt uharmony+GIN, so --gin off leaves them out too)")
     q = bsub.add_parser("fed", help="federated (one site per style, FedGIN) vs centralized U-Harmony on the generalize "
                                     "benchmark's data and budget; bytes and round overhead of a real Flower run")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -275,15 +281,25 @@ def _dispatch(args, reporter: Reporter) -> int:
             from uharmony.bench.generalize import print_from_json, run_bench_generalize
 
             if args.from_json:
-                kind = _results_json(args.from_json).get("kind")
-                return (single_source.print_from_json if kind == "single-source" else print_from_json)(args.from_json)
+                kinds = {_results_json(p).get("kind") for p in args.from_json}
+                if "single-source" in kinds:
+                    if len(args.from_json) > 1:
+                        raise BadInputError(f"{args.from_json[1]}: --from-json merges only the main benchmark's "
+                                            "results; give one --single-source file at a time")
+                    return single_source.print_from_json(args.from_json[0])
+                try:
+                    return print_from_json(*args.from_json)
+                except ValueError as e:
+                    raise BadInputError(str(e)) from None
             if args.single_source:
                 return single_source.run_single_source(work=args.work, seeds=tuple(args.seeds), steps=args.steps,
                                                        train_cases=args.cases, val_cases=2 if args.quick else 3,
                                                        quick=args.quick, json_path=args.json)
             return run_bench_generalize(work=args.work, seeds=tuple(args.seeds), steps=args.steps,
                                         train_cases=args.cases, val_cases=2 if args.quick else 3, quick=args.quick,
-                                        json_path=args.json, methods=tuple(args.methods), gate=args.gate)
+                                        json_path=args.json, methods=tuple(args.methods), gate=args.gate,
+                                        adapt=not args.no_adapt,
+                                        gin={"both": (False, True), "off": (False,), "on": (True,)}[args.gin])
         if args.bench_command == "fed":
             from uharmony.bench.fed import print_from_json as fed_from_json
             from uharmony.bench.fed import run_bench_fed

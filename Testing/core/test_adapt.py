@@ -130,6 +130,7 @@ def test_adapt_adds_a_domain_and_a_class_with_three_cases(tiny_model, adapted, t
     t = card["training"]
     assert t["method"] == "adapt" and t["base_model"]["sha256"] == base["weights"]["sha256"]
     assert t["new_domains"]["flair"]["like"] in ("dom-a", "dom-b") and t["new_classes"] == ["Oedema"]
+    assert t["domain_lr_scale"] == 2.0  # the config's 0: flair and the replayed dom-a are trained together
     ev = card["evaluation"]
     assert ev["split"] == {"dom-a": "validation", "flair": "training"}  # no validation split: training cases, said
     assert ev["before"]["gate_accuracy"]["flair"] is None  # the base has no such domain

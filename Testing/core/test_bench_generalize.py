@@ -37,3 +37,37 @@ def test_a_tiny_negative_free_run_trains_only_the_uharmony_rows(tmp_path):
     assert again.returncode == 0
     table = lambda s: [ln for ln in s.splitlines() if ln.startswith("| ")]  # noqa: E731
     assert table(again.stdout) == table(r.stdout) and any(ln.startswith("| oracle |") for ln in table(r.stdout))
+
+
+def test_gin_off_trains_one_setting_and_from_json_merges_runs_split_over_processes(tmp_path):
+    out = tmp_path / "joint.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "UHARMONY_DATA": str(tmp_path / "cache/sources")}
+    cmd = [sys.executable, "-m", "uharmony", "bench", "generalize", "--quick", "--seeds", "0", "--steps", "3",
+           "--cases", "2", "--methods", "joint", "--gin", "off", "--work", str(tmp_path / "work"), "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["runs"]) == {"joint"} and res["seeds"] == [0]
+    assert sorted(p.name for p in (tmp_path / "work/runs/seed0").iterdir() if p.is_dir()) == ["joint"]
+    # a second process's file: the same budget, other runs (here: the joint scores relabelled as seed 1's
+    # uharmony, with an oracle row two points above it)
+    other = {**res, "seeds": [1], "runs": {"uharmony": {"1": res["runs"]["joint"]["0"]},
+                                           "oracle": {"1": {d: {**v, "score": v["score"] + 0.02}
+                                                            for d, v in res["runs"]["joint"]["0"].items()}}}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    merged = subprocess.run([sys.executable, "-m", "uharmony", "bench", "generalize", "--from-json", str(out),
+                             str(tmp_path / "other.json")], capture_output=True, text=True, timeout=120, env=env)
+    assert merged.returncode == 0, merged.stderr
+    rows = {ln.split(" | ")[0][2:] for ln in merged.stdout.splitlines() if ln.startswith("| ") and "---" not in ln}
+    assert rows == {"method", "joint", "uharmony", "oracle"}
+    assert "seeds 0, 1" in merged.stdout
+    # seed 1's uharmony equals seed 0's joint: every difference is 0.0 and the oracle gap is +2.0
+    assert "PASS uharmony >= joint on every domain: mri-t1 +0.0, mri-t2 +0.0, ct +0.0" in merged.stdout
+    assert "FAIL uharmony within 1.5 Dice points of oracle on average: gap +2.0" in merged.stdout
+    # another budget, or a run in two files: refused in one line naming the file
+    (tmp_path / "budget.json").write_text(json.dumps({**other, "config": {**res["config"], "steps": 4}}))
+    for bad in ("budget.json", "joint.json"):
+        r = subprocess.run([sys.executable, "-m", "uharmony", "bench", "generalize", "--from-json", str(out),
+                            str(tmp_path / bad)], capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and str(tmp_path / bad) in r.stderr, r.stderr

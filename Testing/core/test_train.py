@@ -113,6 +113,8 @@ def test_train_writes_a_valid_package_and_reduces_the_loss(trained, data):
     assert card["input"]["spacing_mm"] == [4.0, 4.0, 4.0] and card["input"]["patch_size"] == [24, 24, 24]
     t = card["training"]
     assert t["steps"] == STEPS and t["method"] == "uharmony" and t["config"]["model"]["filters"] == [4, 8, 16]
+    # the factor in effect: the config's 0 resolved to the number of domains trained together
+    assert t["config"]["domain_lr_scale"] == 0 and t["domain_lr_scale"] == 2.0
     assert [d["sha256"] for d in t["datalists"]] == [
         __import__("hashlib").sha256(Path(p).read_bytes()).hexdigest() for p in (data["a"], data["b"])]
     assert card["gate"]["unfamiliar_threshold"] > 0

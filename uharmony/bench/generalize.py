@@ -107,7 +107,10 @@ def _evaluator(data: dict[str, Path], spacing, gate_view):
 
 def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 500, train_cases: int = 12,
                          val_cases: int = 3, quick: bool = False, json_path: str | None = None,
-                         methods=("uharmony", "joint", "separate"), adapt: bool = True, gate: str = "trained") -> int:
+                         methods=("uharmony", "joint", "separate"), adapt: bool = True, gate: str = "trained",
+                         gin=(False, True)) -> int:
+    """Train and score `methods` for every seed and GIN setting in `gin`; the adaptation rows (which adapt the
+    uharmony+GIN model) only with `adapt`, uharmony among the methods and GIN on among the settings."""
     from uharmony.data.sources import cache_root
     from uharmony.model.package import load_model
     from uharmony.progress import Reporter
@@ -143,10 +146,11 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
                          and scores[d]["score"] is not None)
               + (f" unseen={unseen:.3f}" if unseen is not None else ""), file=sys.stderr, flush=True)
 
+    adapt = adapt and "uharmony" in methods and True in gin
     for seed in seeds:
-        for gin in (False, True):
-            tag = "+GIN" if gin else ""
-            cfg = {**base, "augment": {"gin": gin}}
+        for with_gin in gin:
+            tag = "+GIN" if with_gin else ""
+            cfg = {**base, "augment": {"gin": with_gin}}
             for method in methods:
                 if method == "separate":
                     per = max(1, steps // len(train_doms))
@@ -174,7 +178,7 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
                     # no true domain to tell on the unseen style
                     oracle = evaluate_with(model, "oracle", tuple(base["patch_size"]), only=heads.BENCH_TRAIN_DOMAINS)
                     record("oracle" + tag, seed, oracle)
-        if adapt and "uharmony" in methods:
+        if adapt:
             scores = adapt_vs_joint(root, seed, base, data, train, run_adapt, load_model, evaluate_with, rep,
                                     seconds)
             for label, s in scores.items():
@@ -295,9 +299,31 @@ def check_targets(summary: dict) -> list[str]:
     return lines
 
 
-def print_from_json(path: str) -> int:
-    """Re-print the table and the target checks from a results JSON written by --json."""
-    r = json.loads(Path(path).read_text())
+def merge_results(docs: list[tuple[str, dict]]) -> dict:
+    """One results document from several --json files of the same budget (runs split over processes by seed
+    or method); ValueError naming the file whose budget differs or that repeats a run of another file."""
+    merged: dict = {}
+    for path, r in docs:
+        if not merged:
+            merged = {"config": r["config"], "runs": {}, "seeds": [], "minutes": 0.0}
+        elif r["config"] != merged["config"]:
+            keys = sorted(k for k in {*r["config"], *merged["config"]} if r["config"].get(k) != merged["config"].get(k))
+            raise ValueError(f"{path}: another budget than the first file's (differs in {', '.join(keys)})")
+        for label, per in r["runs"].items():
+            for seed, scores in per.items():
+                if str(seed) in merged["runs"].setdefault(label, {}):
+                    raise ValueError(f"{path}: run {label} seed {seed} is in another of the files too")
+                merged["runs"][label][str(seed)] = scores
+        merged["seeds"] = sorted(set(merged["seeds"]) | set(r["seeds"]))
+        merged["minutes"] = max(merged["minutes"], float(r["minutes"]))  # the files' runs ran side by side
+    return merged
+
+
+def print_from_json(*paths: str) -> int:
+    """Re-print the table and the target checks from one or more results JSONs written by --json (merged:
+    the same budget, each run in one file only)."""
+    docs = [(p, json.loads(Path(p).read_text())) for p in paths]
+    r = merge_results(docs) if len(docs) > 1 else docs[0][1]
     summary = summarise({k: {int(s): v for s, v in per.items()} for k, per in r["runs"].items()})
     print(format_table(summary, seeds=r["seeds"], steps=r["config"]["steps"], quick=False, minutes=r["minutes"]))
     print()

@@ -40,7 +40,7 @@ from uharmony.model.package import load_model, save_package
 from uharmony.model.registry import resolve_model
 from uharmony.progress import Reporter
 from uharmony.train.checkpoint import load_checkpoint
-from uharmony.train.config import config_hash, load_config
+from uharmony.train.config import config_hash, load_config, resolved_domain_lr_scale
 from uharmony.train.data import BalancedSampler, Prepared, domain_sampler, load_datasets
 from uharmony.train.trainer import (
     LoopState,
@@ -259,6 +259,7 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
         "steps": cfg.steps, "resumed_from_step": start or None, "seconds": round(seconds, 1),
         "hardware": hardware(dev), "uharmony_version": __version__, "torch": torch.__version__,
         "base_training": base_card.get("training"),
+        "domain_lr_scale": resolved_domain_lr_scale(cfg.domain_lr_scale, len(set(route.values()))),
     }
     card["evaluation"] = {
         "routing": "auto", "split": splits, "cases": {d: len(v) for d, v in eval_items.items()},

@@ -558,6 +558,8 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
             "steps": cfg.steps, "resumed_from_step": start or None, "seconds": round(seconds, 1),
             "hardware": hardware(dev), "uharmony_version": __version__, "torch": torch.__version__,
             "domains": data_domains,
+            # the factor in effect (the config's 0 means the number of domains trained)
+            "domain_lr_scale": resolved_domain_lr_scale(cfg.domain_lr_scale, len(set(route.values()))),
         },
         "evaluation": {"routing": mode, "split": val_split, "cases": {d: len(v) for d, v in val_items.items()},
                        **final},
