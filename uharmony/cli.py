@@ -281,14 +281,14 @@ def _dispatch(args, reporter: Reporter) -> int:
             from uharmony.bench.generalize import print_from_json, run_bench_generalize
 
             if args.from_json:
-                kinds = {_results_json(p).get("kind") for p in args.from_json}
-                if "single-source" in kinds:
+                docs = [(p, _results_json(p)) for p in args.from_json]
+                if any(r.get("kind") == "single-source" for _, r in docs):
                     if len(args.from_json) > 1:
                         raise BadInputError(f"{args.from_json[1]}: --from-json merges only the main benchmark's "
                                             "results; give one --single-source file at a time")
                     return single_source.print_from_json(args.from_json[0])
                 try:
-                    return print_from_json(*args.from_json)
+                    return print_from_json(docs)
                 except ValueError as e:
                     raise BadInputError(str(e)) from None
             if args.single_source:

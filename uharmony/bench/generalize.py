@@ -319,10 +319,9 @@ def merge_results(docs: list[tuple[str, dict]]) -> dict:
     return merged
 
 
-def print_from_json(*paths: str) -> int:
-    """Re-print the table and the target checks from one or more results JSONs written by --json (merged:
-    the same budget, each run in one file only)."""
-    docs = [(p, json.loads(Path(p).read_text())) for p in paths]
+def print_from_json(docs: list[tuple[str, dict]]) -> int:
+    """Re-print the table and the target checks from one or more (path, results) of --json, as the CLI has
+    read them (merged: the same budget, each run in one file only)."""
     r = merge_results(docs) if len(docs) > 1 else docs[0][1]
     summary = summarise({k: {int(s): v for s, v in per.items()} for k, per in r["runs"].items()})
     print(format_table(summary, seeds=r["seeds"], steps=r["config"]["steps"], quick=False, minutes=r["minutes"]))

@@ -171,7 +171,8 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
                      + (f" (remembered means of {', '.join(kept)})" if kept else ""))
 
     items = new_items + keep_items
-    optimizer = make_optimizer(model, cfg, len(set(route.values())))
+    domains_trained = len(set(route.values()))
+    optimizer = make_optimizer(model, cfg, domains_trained)
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp and dev.type == "cuda")
     start = 0
     if resume:
@@ -259,7 +260,7 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
         "steps": cfg.steps, "resumed_from_step": start or None, "seconds": round(seconds, 1),
         "hardware": hardware(dev), "uharmony_version": __version__, "torch": torch.__version__,
         "base_training": base_card.get("training"),
-        "domain_lr_scale": resolved_domain_lr_scale(cfg.domain_lr_scale, len(set(route.values()))),
+        "domain_lr_scale": resolved_domain_lr_scale(cfg.domain_lr_scale, domains_trained),
     }
     card["evaluation"] = {
         "routing": "auto", "split": splits, "cases": {d: len(v) for d, v in eval_items.items()},

@@ -490,7 +490,8 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
         gate_record["lda"] = fit_routing(model, domain_feature_stats(model, items))
         reporter.log(f"the gate routes by LDA on its contrast encoder's features (shrinkage "
                      f"{gate_record['lda']['shrinkage']:.3f})")
-    optimizer = make_optimizer(model, cfg, len(set(route.values())))
+    domains_trained = len(set(route.values()))  # 1 for joint: one route for every domain
+    optimizer = make_optimizer(model, cfg, domains_trained)
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp and dev.type == "cuda")
     start = 0
     if resume:
@@ -559,7 +560,7 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
             "hardware": hardware(dev), "uharmony_version": __version__, "torch": torch.__version__,
             "domains": data_domains,
             # the factor in effect (the config's 0 means the number of domains trained)
-            "domain_lr_scale": resolved_domain_lr_scale(cfg.domain_lr_scale, len(set(route.values()))),
+            "domain_lr_scale": resolved_domain_lr_scale(cfg.domain_lr_scale, domains_trained),
         },
         "evaluation": {"routing": mode, "split": val_split, "cases": {d: len(v) for d, v in val_items.items()},
                        **final},
