@@ -31,6 +31,12 @@ def test_the_bundled_card_records_every_stage_of_the_repository_recipe():
     # trained before domain_lr_scale existed, i.e. with factor 1, which every brain config pins
     assert used.get("domain_lr_scale", 1.0) == last.domain_lr_scale == 1.0
     assert used["augment"]["gin"] is last.augment.gin is False and used["gate"]["weight"] == last.gate.weight == 0
+    # stage 1's config still builds the shipped network (model.poly_scale: 1 pinned, the default is now 0.1)
+    first, _ = load_config(REPO / stages[0]["config"])
+    arch = card["architecture"]
+    assert first.model.filters == arch["filters"] and first.model.harmony_levels == arch["harmony_levels"]
+    assert first.model.poly_degree == arch["poly_degree"] and first.model.clamp == arch["clamp"]
+    assert "poly_scale" not in arch and first.model.poly_scale == 1.0
     # stage 10: the gate refit, on the gate heads of `brain.py data` (gate2/ for T1)
     refit = card["gate"]["refit"]
     assert refit["steps"] == brain.GATE_STEPS and refit["batch_size"] == brain.GATE_BATCH

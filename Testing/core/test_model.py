@@ -73,6 +73,33 @@ def test_one_hot_routing_uses_exactly_that_domains_parameters():
     assert not torch.allclose(layer(x), y, atol=1e-3)
 
 
+def test_poly_scale_multiplies_only_the_hermite_terms():
+    layer = HarmonyNorm(2, DOMAINS, degree=3, clamp=3.0, poly_scale=0.1)
+    _set_domain(layer, "ct", 5)
+    x = 3 * torch.randn(2, 2, 4, 4, 4)
+    layer.set_routing(torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    y = layer(x)
+    xhat = (x - x.mean(dim=(2, 3, 4), keepdim=True)) / torch.sqrt(x.var(dim=(2, 3, 4), unbiased=False, keepdim=True) + 1e-5)
+    xc = xhat.clamp(-3, 3)
+    g, b = layer.harmony["ct"].gamma.detach(), layer.harmony["ct"].beta.detach()
+    v = lambda t: t.view(1, 2, 1, 1, 1)  # noqa: E731
+    expected = v(g[0]) * xhat + 0.1 * (v(g[1]) * (xc**2 - 1) + v(g[2]) * (xc**3 - 3 * xc)) + v(b)
+    assert torch.allclose(y, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="poly_scale"):
+        HarmonyNorm(2, DOMAINS, poly_scale=0.0)
+
+
+def test_an_architecture_without_poly_scale_rebuilds_the_unscaled_network():
+    """Cards written before `poly_scale` existed must rebuild exactly the network they were trained as."""
+    arch = ArchConfig(domains=list(DOMAINS), filters=[4, 8, 16], strides=[1, 2, 2], gate_filters=[4, 8, 8],
+                      gate_input_size=[16, 16, 16], poly_scale=0.25).to_dict()
+    assert arch["poly_scale"] == 0.25
+    old = {k: v for k, v in arch.items() if k != "poly_scale"}
+    net = UHarmonyNet(ArchConfig.from_dict(old))
+    assert {layer.poly_scale for layer in net.harmony_layers()} == {1.0}
+    assert {layer.poly_scale for layer in UHarmonyNet(ArchConfig.from_dict(arch)).harmony_layers()} == {0.25}
+
+
 def test_soft_routing_mixes_linearly():
     layer = HarmonyNorm(2, DOMAINS)
     _set_domain(layer, "mri-t1", 1)

@@ -42,6 +42,7 @@ gin_p = 0.5
 [model]
 filters = [4, 8, 16]
 strides = [1, 2, 2]
+poly_scale = 0.5
 [gate]
 input_size = [16, 16, 16]
 filters = [4, 8, 8]
@@ -113,6 +114,9 @@ def test_train_writes_a_valid_package_and_reduces_the_loss(trained, data):
     assert card["input"]["spacing_mm"] == [4.0, 4.0, 4.0] and card["input"]["patch_size"] == [24, 24, 24]
     t = card["training"]
     assert t["steps"] == STEPS and t["method"] == "uharmony" and t["config"]["model"]["filters"] == [4, 8, 16]
+    # the Hermite terms' factor is part of the network: in the card's architecture and in every loaded layer
+    assert card["architecture"]["poly_scale"] == 0.5 and {h.poly_scale for h in model.harmony_layers()} == {0.5}
+    assert "polynomial degree 3 (terms x 0.5)" in __import__("uharmony.model.card", fromlist=["x"]).card_summary(card)
     # the factor in effect: the config's 0 resolved to the number of domains trained together
     assert t["config"]["domain_lr_scale"] == 0 and t["domain_lr_scale"] == 2.0
     assert [d["sha256"] for d in t["datalists"]] == [
@@ -339,6 +343,16 @@ def test_config_defaults_and_adapt_rules(tmp_path):
     with pytest.raises(UHarmonyError) as e:
         load_config(path)
     assert "divisible" in str(e.value)
+    for bad in ("0", "1.5"):
+        path.write_text(f"[model]\npoly_scale = {bad}\n")
+        with pytest.raises(UHarmonyError) as e:
+            load_config(path)
+        assert e.value.code == ExitCode.USAGE and "'model.poly_scale' must be in (0, 1]" in str(e.value)
+    path.write_text("[model]\npoly_scale = 0.5\n")
+    assert load_config(path)[0].model.poly_scale == 0.5
+    with pytest.raises(UHarmonyError) as e:  # the base model's stage 2 is what adaptation trains
+        load_config(path, kind="adapt")
+    assert "'model.poly_scale' is fixed by the base model" in str(e.value)
     cfg, _ = load_config(None, kind="adapt")
     assert cfg.steps == 300 and cfg.lr == 1e-3
 

@@ -149,6 +149,8 @@ def _validate(c: FedConfig, where) -> None:
     need(m.strides[0] == 1 and all(s in (1, 2) for s in m.strides), "model.strides", "must be 1 or 2, the first 1")
     need(0 <= m.harmony_levels <= len(m.strides), "model.harmony_levels", f"must be in 0..{len(m.strides)}")
     need(m.poly_degree >= 1, "model.poly_degree", "must be >= 1")
+    need(m.clamp > 0, "model.clamp", "must be > 0")
+    need(0 < m.poly_scale <= 1, "model.poly_scale", "must be in (0, 1]")
     factor = 1
     for s in m.strides:
         factor *= s

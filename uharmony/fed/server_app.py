@@ -102,6 +102,7 @@ def arch_of(s: dict) -> dict:
                       strides=list(s["model"]["strides"]),
                       harmony_levels=0 if joint else s["model"]["harmony_levels"],
                       poly_degree=s["model"]["poly_degree"], clamp=s["model"]["clamp"],
+                      poly_scale=s["model"]["poly_scale"],
                       gate_input_size=list(s["gate"]["input_size"]), gate_filters=list(s["gate"]["filters"])).to_dict()
 
 
@@ -116,7 +117,7 @@ def initial_model(s: dict):
     arch = arch_of(s)
     if s.get("resume_from"):
         model, card = load_model(s["resume_from"])
-        if card["architecture"] != arch:
+        if ArchConfig.from_dict(card["architecture"]).to_dict() != arch:  # a key absent from an older card: its default
             raise BadModelError("the last global model's architecture differs from fed.toml's; move the out folder "
                                 "away to start a new federation", s["resume_from"])
         s["gate_features_info"] = card["gate"].get("calibration", {}).get("features")

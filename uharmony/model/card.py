@@ -146,7 +146,8 @@ def card_summary(card: dict) -> str:
         f"  spacing:   {' x '.join(f'{s:g}' for s in inp['spacing_mm'])} mm, orientation {inp['orientation']}, "
         f"patch {' x '.join(str(s) for s in inp['patch_size'])}",
         f"  network:   {arch['backbone']} filters {arch.get('filters')}, U-Harmony on {arch.get('harmony_levels')} levels, "
-        f"polynomial degree {arch.get('poly_degree')}",
+        f"polynomial degree {arch.get('poly_degree')}"
+        + (f" (terms x {arch['poly_scale']:g})" if arch.get("poly_scale", 1.0) != 1.0 else ""),
         "  domains:",
         *(f"    - {d['name']} ({d['modality']})" + (f": {d['description']}" if d.get("description") else "")
           for d in card["domains"]),

@@ -1,7 +1,7 @@
 """The U-Harmony normalisation layer (DESIGN.md, "Method").
 
 Stage 1 (harmonise) standardises each sample and channel over all voxels. Stage 2 (restore) applies a
-per-domain polynomial affine ``y = g1*x + sum_k g_k * p_k(clamp(x)) + b`` with centred Hermite
+per-domain polynomial affine ``y = g1*x + s * sum_k g_k * p_k(clamp(x)) + b`` (s: `poly_scale`) with centred Hermite
 polynomials, mixing the domains by per-sample routing weights. Both stages run in fp32 even under
 AMP: ``x**3`` of an unclamped patch overflows fp16.
 
@@ -39,15 +39,24 @@ class DomainAffine(nn.Module):
 class HarmonyNorm(nn.Module):
     """Drop-in replacement of ``InstanceNorm3d(C, affine=True)`` with per-domain restoration.
 
+    ``poly_scale`` multiplies the Hermite terms: the polynomial gammas then act at that fraction of the
+    linear one's size. Adam moves every parameter by about the learning rate per step whatever its
+    gradient, and He_3 reaches 52 at the clamp, so unscaled polynomial gammas take steps far larger in
+    effect than the linear gamma (measured: they cost CT's Dice; docs/benchmarks.md).
+
     Set the routing with `set_routing` (a (B, D) weight tensor over `domains`, or None to use the
     first domain) before calling forward; `UHarmonyNet` does that for every layer at once.
     """
 
-    def __init__(self, channels: int, domains: list[str], degree: int = 3, clamp: float = 4.0, eps: float = 1e-5):
+    def __init__(self, channels: int, domains: list[str], degree: int = 3, clamp: float = 4.0, eps: float = 1e-5,
+                 poly_scale: float = 1.0):
         super().__init__()
         if degree < 1:
             raise ValueError("degree must be >= 1")
+        if not poly_scale > 0:
+            raise ValueError("poly_scale must be > 0")
         self.channels, self.degree, self.clamp, self.eps = channels, degree, float(clamp), eps
+        self.poly_scale = float(poly_scale)
         self.harmony = nn.ModuleDict({name: DomainAffine(channels, degree) for name in domains})
         self._routing: torch.Tensor | None = None
 
@@ -78,7 +87,7 @@ class HarmonyNorm(nn.Module):
             if self.degree > 1:
                 xc = xhat.clamp(-self.clamp, self.clamp)
                 for k, term in enumerate(hermite_terms(xc, self.degree), start=1):
-                    y = y + gamma[:, k].view(shape) * term
+                    y = y + (self.poly_scale * gamma[:, k]).view(shape) * term
         return y.to(in_dtype)
 
     def _mixed_parameters(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

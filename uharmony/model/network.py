@@ -33,6 +33,7 @@ class ArchConfig:
     harmony_levels: int = 2  # L: levels (encoder + matching decoder) with U-Harmony normalisation
     poly_degree: int = 3  # K: linear term plus Hermite terms He_2..He_K
     clamp: float = 4.0
+    poly_scale: float = 1.0  # Hermite terms x this (1 in cards that predate it)
     gate_input_size: list[int] = field(default_factory=lambda: [32, 32, 32])
     gate_filters: list[int] = field(default_factory=lambda: [16, 32, 64])
 
@@ -86,7 +87,8 @@ class UHarmonyNet(nn.Module):
                 if isinstance(module, nn.InstanceNorm3d):
                     parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
                     setattr(parent, name.rpartition(".")[2], HarmonyNorm(
-                        module.num_features, config.domains, config.poly_degree, config.clamp, module.eps))
+                        module.num_features, config.domains, config.poly_degree, config.clamp, module.eps,
+                        config.poly_scale))
         backbone.output_block = nn.Identity()  # the per-domain heads below replace it
         self.backbone = backbone
         self.heads = nn.ModuleDict({d: nn.Conv3d(config.filters[0], config.num_classes, 1) for d in config.domains})

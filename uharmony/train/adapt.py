@@ -114,6 +114,7 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
     cfg.spacing_mm, cfg.patch_size, cfg.gate.input_size = spacing, list(patch), gate_size
     cfg.model.filters, cfg.model.strides = list(arch.filters), list(arch.strides)
     cfg.model.harmony_levels, cfg.model.poly_degree, cfg.model.clamp = arch.harmony_levels, arch.poly_degree, arch.clamp
+    cfg.model.poly_scale = arch.poly_scale
     cfg.gate.filters = list(arch.gate_filters)
     cfg.method = base_card.get("training", {}).get("method", "uharmony") if isinstance(base_card.get("training"),
                                                                                       dict) else "uharmony"

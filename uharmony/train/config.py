@@ -48,6 +48,7 @@ class ModelConfig:
     harmony_levels: int = 2  # L: levels (encoder + matching decoder) with U-Harmony normalisation
     poly_degree: int = 3  # K: linear term plus Hermite terms He_2..He_K in stage 2
     clamp: float = 4.0  # stage-2 polynomials see the standardised input clamped to +-clamp
+    poly_scale: float = 0.1  # stage-2 Hermite terms x this: their gammas then take Adam steps this much smaller in effect
 
 
 @dataclass
@@ -94,7 +95,7 @@ class TrainConfig:
 ADAPT_DEFAULTS = {"steps": 300, "lr": 1e-3, "val_every": 0, "checkpoint_every": 50}
 # Keys an adaptation takes from the base model; setting them in an adapt config is an error.
 FIXED_BY_BASE = ("method", "spacing_mm", "model.filters", "model.strides", "model.harmony_levels",
-                 "model.poly_degree", "model.clamp", "gate.input_size", "gate.filters", "gate.method",
+                 "model.poly_degree", "model.clamp", "model.poly_scale", "gate.input_size", "gate.filters", "gate.method",
                  "gate.pretrain_steps", "gate.pretrain_views")
 # Keys that do not change the trained weights, so --resume accepts a change of them.
 RESUME_FREE = ("device", "val_every", "val_cases", "checkpoint_every")
@@ -196,6 +197,7 @@ def _validate(c: TrainConfig, where) -> None:
     need(0 <= m.harmony_levels <= len(m.strides), "model.harmony_levels", f"must be in 0..{len(m.strides)}")
     need(m.poly_degree >= 1, "model.poly_degree", "must be >= 1")
     need(m.clamp > 0, "model.clamp", "must be > 0")
+    need(0 < m.poly_scale <= 1, "model.poly_scale", "must be in (0, 1]")
     factor = 1
     for s in m.strides:
         factor *= s

@@ -467,7 +467,7 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
     arch = ArchConfig(in_channels=len(datasets[0].channels), num_classes=len(union), domains=list(model_domains),
                       filters=list(cfg.model.filters), strides=list(cfg.model.strides),
                       harmony_levels=0 if joint else cfg.model.harmony_levels, poly_degree=cfg.model.poly_degree,
-                      clamp=cfg.model.clamp, gate_input_size=list(cfg.gate.input_size),
+                      clamp=cfg.model.clamp, poly_scale=cfg.model.poly_scale, gate_input_size=list(cfg.gate.input_size),
                       gate_filters=list(cfg.gate.filters))
     model = UHarmonyNet(arch)
     t_load = time.time()
