@@ -207,3 +207,21 @@ def test_unfamiliar_score_leaves_out_domains_without_a_gaussian():
     scores = model.gate.unfamiliar_score(near_zero)
     assert scores.min() > 5.0  # far from the one fitted domain; the unfitted one is not a refuge
     torch.testing.assert_close(scores, model.gate.familiarity_distance(near_zero)[:, 0])
+
+
+def test_a_card_with_a_bad_poly_scale_is_refused_in_one_line(tmp_path):
+    import json
+    import shutil
+
+    from uharmony.errors import BadModelError
+    from uharmony.model.package import load_model
+    from uharmony.model.registry import bundled_model_dir
+
+    folder = tmp_path / "bad"
+    shutil.copytree(bundled_model_dir("starter"), folder)
+    card = json.loads((folder / "card.json").read_text())
+    card["architecture"]["poly_scale"] = -1
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(BadModelError) as e:
+        load_model(folder)
+    assert "card.json" in str(e.value) and "poly_scale must be > 0" in str(e.value) and "\n" not in str(e.value)
