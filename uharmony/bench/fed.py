@@ -76,7 +76,8 @@ def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed:
             "train": {"local_steps": local, "batch_size": base["batch_size"], "patch_size": list(base["patch_size"]),
                       "spacing_mm": list(base["spacing_mm"]), "fg_prob": base.get("fg_prob", 0.67),
                       "lr": base["lr"], "seed": seed, "gin": gin, "eval_cases": 1},
-            "model": {k: model[k] for k in ("filters", "strides", "harmony_levels", "poly_degree", "clamp", "poly_scale")},
+            "model": {k: model[k] for k in ("filters", "strides", "harmony_levels", "poly_degree", "clamp",
+                                            "poly_scale")},
             "gate": {k: gate[k] for k in ("input_size", "filters", "weight")}}
 
 

@@ -95,8 +95,8 @@ class TrainConfig:
 ADAPT_DEFAULTS = {"steps": 300, "lr": 1e-3, "val_every": 0, "checkpoint_every": 50}
 # Keys an adaptation takes from the base model; setting them in an adapt config is an error.
 FIXED_BY_BASE = ("method", "spacing_mm", "model.filters", "model.strides", "model.harmony_levels",
-                 "model.poly_degree", "model.clamp", "model.poly_scale", "gate.input_size", "gate.filters", "gate.method",
-                 "gate.pretrain_steps", "gate.pretrain_views")
+                 "model.poly_degree", "model.clamp", "model.poly_scale", "gate.input_size", "gate.filters",
+                 "gate.method", "gate.pretrain_steps", "gate.pretrain_views")
 # Keys that do not change the trained weights, so --resume accepts a change of them.
 RESUME_FREE = ("device", "val_every", "val_cases", "checkpoint_every")
 
