@@ -64,10 +64,14 @@ def test_gin_off_trains_one_setting_and_from_json_merges_runs_split_over_process
     # seed 1's uharmony equals seed 0's joint: every difference is 0.0 and the oracle gap is +2.0
     assert "PASS uharmony >= joint on every domain: mri-t1 +0.0, mri-t2 +0.0, ct +0.0" in merged.stdout
     assert "FAIL uharmony within 1.5 Dice points of oracle on average: gap +2.0" in merged.stdout
-    # another budget, or a run in two files: refused in one line naming the file
+    # another budget, another model setting (a default changed between versions), or a run in two files:
+    # refused in one line naming the file
+    assert res["model"]["poly_scale"] == 0.1 and res["model"]["filters"] == res["config"]["model"]["filters"]
     (tmp_path / "budget.json").write_text(json.dumps({**other, "config": {**res["config"], "steps": 4}}))
-    for bad in ("budget.json", "joint.json"):
+    (tmp_path / "scale.json").write_text(json.dumps({**other, "model": {**res["model"], "poly_scale": 1.0}}))
+    for bad in ("budget.json", "scale.json", "joint.json"):
         r = subprocess.run([sys.executable, "-m", "uharmony", "bench", "generalize", "--from-json", str(out),
                             str(tmp_path / bad)], capture_output=True, text=True, timeout=120, env=env)
         assert r.returncode != 0 and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and str(tmp_path / bad) in r.stderr, r.stderr
+        assert bad != "scale.json" or "differs in poly_scale" in r.stderr, r.stderr

@@ -189,7 +189,7 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
     print(table + "\n\n" + "\n".join(check_targets(summary)))
     if json_path:
         Path(json_path).write_text(json.dumps({"summary": summary, "runs": results, "seconds": seconds,
-                                               "config": base, "seeds": list(seeds),
+                                               "config": base, "model": effective_model(base), "seeds": list(seeds),
                                                "minutes": round((time.time() - t0) / 60, 1)}, indent=1))
     return 0
 
@@ -299,16 +299,33 @@ def check_targets(summary: dict) -> list[str]:
     return lines
 
 
+def effective_model(base: dict) -> dict:
+    """Every `model` key the runs were built with: the budget's, the rest the code's defaults (which change
+    between versions, e.g. `poly_scale`), so results of other model settings are not merged."""
+    import dataclasses
+
+    from uharmony.train.config import ModelConfig
+
+    return {**dataclasses.asdict(ModelConfig()), **base.get("model", {})}
+
+
+def _differing(a: dict, b: dict) -> str:
+    return ", ".join(sorted(k for k in {*a, *b} if a.get(k) != b.get(k)))
+
+
 def merge_results(docs: list[tuple[str, dict]]) -> dict:
     """One results document from several --json files of the same budget (runs split over processes by seed
     or method); ValueError naming the file whose budget differs or that repeats a run of another file."""
     merged: dict = {}
     for path, r in docs:
         if not merged:
-            merged = {"config": r["config"], "runs": {}, "seeds": [], "minutes": 0.0}
+            merged = {"config": r["config"], "model": r.get("model"), "runs": {}, "seeds": [], "minutes": 0.0}
         elif r["config"] != merged["config"]:
-            keys = sorted(k for k in {*r["config"], *merged["config"]} if r["config"].get(k) != merged["config"].get(k))
-            raise ValueError(f"{path}: another budget than the first file's (differs in {', '.join(keys)})")
+            raise ValueError(f"{path}: another budget than the first file's (differs in "
+                             f"{_differing(r['config'], merged['config'])})")
+        elif r.get("model") != merged["model"]:  # None: a file written before the key was recorded
+            raise ValueError(f"{path}: models of another model config than the first file's (differs in "
+                             f"{_differing(r.get('model') or {}, merged['model'] or {})})")
         for label, per in r["runs"].items():
             for seed, scores in per.items():
                 if str(seed) in merged["runs"].setdefault(label, {}):
