@@ -324,3 +324,30 @@ def test_sites_calibrate_the_unfamiliar_flag_without_sending_a_case(round_messag
     assert own["unfamiliar_score"] <= held * 1.01 and not own["unfamiliar"]
     odd = seg.segment_files([tmp_path / "noise.nii.gz"], tmp_path / "noise-seg.nii.gz")["domain"]
     assert odd["unfamiliar"] and odd["unfamiliar_score"] > fam["threshold"], odd
+
+
+def test_a_restart_resumes_an_older_card_of_the_same_network_and_refuses_another(round_messages, tmp_path):
+    """The coordinator's restart check: the last global model's architecture against fed.toml's, a key absent
+    from an older card (`poly_scale`, added later) taken at its default (1: the network as it was trained)."""
+    import copy
+
+    from uharmony.errors import BadModelError
+    from uharmony.fed.server_app import arch_of, initial_model, make_card
+    from uharmony.model.package import save_package
+
+    s = copy.deepcopy(round_messages[0].s)
+    s["model"]["poly_scale"] = 1.0
+    model = initial_model(s)
+    folder = tmp_path / "global"
+    save_package(model, make_card(s, arch_of(s), 1, {"participants": [], "domains": {}}), folder)
+    card = json.loads((folder / "card.json").read_text())
+    del card["architecture"]["poly_scale"]  # as written before the key existed
+    (folder / "card.json").write_text(json.dumps(card))
+    resumed = initial_model({**s, "resume_from": str(folder)})
+    assert resumed.config.poly_scale == 1.0
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(resumed.state_dict().values(),
+                                                                      model.state_dict().values()))
+    s["model"]["poly_scale"] = 0.1  # fed.toml now builds another network: refused, naming the folder
+    with pytest.raises(BadModelError, match="architecture differs") as e:
+        initial_model({**s, "resume_from": str(folder)})
+    assert str(folder) in str(e.value)

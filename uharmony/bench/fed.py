@@ -65,9 +65,10 @@ def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed:
                evaluate: bool = False, address: str = "127.0.0.1:9092", insecure: bool = False,
                pretrain: tuple[int, int] = (1500, 1800)) -> dict:
     """A fed.toml (as a dict) with the benchmark's budget; `uharmony.fed.config` validates it."""
-    from uharmony.train.config import GateConfig, ModelConfig
+    from uharmony.bench.generalize import effective_model
+    from uharmony.train.config import GateConfig
 
-    model = {**ModelConfig().__dict__, **base["model"]}
+    model = effective_model(base)
     gate = {**GateConfig().__dict__, **base["gate"]}
     return {"domains": list(SITES), "classes": list(classes), "name": "bench-fed", "address": address,
             "out": "federation", "insecure": insecure, "rounds": rounds, "min_sites": len(SITES),

@@ -21,6 +21,7 @@ from uharmony.train.config import (
     doc_rows,
     read_config_values,
     resolved_domain_lr_scale,
+    validate_model,
 )
 
 GATE_FEATURES = ("contrast", "random")
@@ -145,12 +146,7 @@ def _validate(c: FedConfig, where) -> None:
     need(c.gate.weight >= 0, "gate.weight", "must be >= 0")
     need(t.eval_cases >= 1, "train.eval_cases", "must be >= 1")
     m = c.model
-    need(len(m.filters) == len(m.strides) >= 3, "model.filters", "must have as many entries as model.strides (>= 3)")
-    need(m.strides[0] == 1 and all(s in (1, 2) for s in m.strides), "model.strides", "must be 1 or 2, the first 1")
-    need(0 <= m.harmony_levels <= len(m.strides), "model.harmony_levels", f"must be in 0..{len(m.strides)}")
-    need(m.poly_degree >= 1, "model.poly_degree", "must be >= 1")
-    need(m.clamp > 0, "model.clamp", "must be > 0")
-    need(0 < m.poly_scale <= 1, "model.poly_scale", "must be in (0, 1]")
+    validate_model(m, need)
     factor = 1
     for s in m.strides:
         factor *= s

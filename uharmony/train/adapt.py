@@ -22,6 +22,7 @@ Training itself is the loop of `uharmony.train.trainer` (same config keys, same 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import sys
 import time
@@ -112,9 +113,9 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
     # What the adaptation really uses, so the card's config says it (these keys cannot be set for adapt).
     arch = model.config
     cfg.spacing_mm, cfg.patch_size, cfg.gate.input_size = spacing, list(patch), gate_size
-    cfg.model.filters, cfg.model.strides = list(arch.filters), list(arch.strides)
-    cfg.model.harmony_levels, cfg.model.poly_degree, cfg.model.clamp = arch.harmony_levels, arch.poly_degree, arch.clamp
-    cfg.model.poly_scale = arch.poly_scale
+    for key in (f.name for f in dataclasses.fields(cfg.model)):  # every model key is the base's (same names)
+        value = getattr(arch, key)
+        setattr(cfg.model, key, list(value) if isinstance(value, (list, tuple)) else value)
     cfg.gate.filters = list(arch.gate_filters)
     cfg.method = base_card.get("training", {}).get("method", "uharmony") if isinstance(base_card.get("training"),
                                                                                       dict) else "uharmony"

@@ -163,6 +163,18 @@ def resolved_domain_lr_scale(scale: float, domains_trained: int) -> float:
     return float(scale) if scale > 0 else float(max(1, domains_trained))
 
 
+def validate_model(m: ModelConfig, need) -> None:
+    """The ``[model]`` keys' ranges, shared by training and federation configs; ``need(ok, key, what)``."""
+    need(len(m.filters) == len(m.strides) >= 3, "model.filters",
+         f"must have as many entries as model.strides (>= 3, as DynUNet needs); got {len(m.filters)} and {len(m.strides)}")
+    need(all(f >= 1 for f in m.filters), "model.filters", "must be positive")
+    need(m.strides[0] == 1 and all(s in (1, 2) for s in m.strides), "model.strides", "must be 1 or 2, the first 1")
+    need(0 <= m.harmony_levels <= len(m.strides), "model.harmony_levels", f"must be in 0..{len(m.strides)}")
+    need(m.poly_degree >= 1, "model.poly_degree", "must be >= 1")
+    need(m.clamp > 0, "model.clamp", "must be > 0")
+    need(0 < m.poly_scale <= 1, "model.poly_scale", "must be in (0, 1]")
+
+
 def _validate(c: TrainConfig, where) -> None:
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
@@ -190,14 +202,7 @@ def _validate(c: TrainConfig, where) -> None:
                                                       for k in c.augment.gin_kernel_sizes),
          "augment.gin_kernel_sizes", "must be a list of odd positive kernel sizes, such as [1, 3] or [1]")
     m = c.model
-    need(len(m.filters) == len(m.strides) >= 3, "model.filters",
-         f"must have as many entries as model.strides (>= 3, as DynUNet needs); got {len(m.filters)} and {len(m.strides)}")
-    need(all(f >= 1 for f in m.filters), "model.filters", "must be positive")
-    need(m.strides[0] == 1 and all(s in (1, 2) for s in m.strides), "model.strides", "must be 1 or 2, the first 1")
-    need(0 <= m.harmony_levels <= len(m.strides), "model.harmony_levels", f"must be in 0..{len(m.strides)}")
-    need(m.poly_degree >= 1, "model.poly_degree", "must be >= 1")
-    need(m.clamp > 0, "model.clamp", "must be > 0")
-    need(0 < m.poly_scale <= 1, "model.poly_scale", "must be in (0, 1]")
+    validate_model(m, need)
     factor = 1
     for s in m.strides:
         factor *= s
