@@ -35,8 +35,8 @@ brain-model: $(VENV)/.base
 	$(PY) -m uharmony.train.brain train --data work/heads --out work/brain
 	$(PY) -m uharmony.train.brain finish --model work/brain --data work/heads --install
 
-# Rebuild the federated gate's shipped contrast encoder for the default gate shape (about 45 min on 2 CPU
-# cores; never in CI). See docs/federation.md.
+# Rebuild the shipped contrast encoders of the default gate shape (about 45 min on 2 CPU cores) and the
+# benchmark's gate (10-17 min); never in CI. Delete a file there to rebuild it. See docs/federation.md.
 contrast-encoder: $(VENV)/.base
 	$(PY) -m uharmony.train.contrast
 

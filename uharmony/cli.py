@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--single-source", action="store_true",
                    help="instead: one network per training style, with and without GIN, scored on every style "
                         "(GIN's own setting; ~5 min per seed on 2 cores)")
-    q.add_argument("--gate", default="trained", choices=GATE_METHODS,
+    q.add_argument("--gate", default="negative-free", choices=GATE_METHODS,
                    help="the U-Harmony models' gate.method (negative-free: contrast encoder + LDA, no gate training)")
     q.add_argument("--methods", nargs="+", default=["uharmony", "joint", "separate"],
                    choices=("uharmony", "joint", "separate"),

@@ -166,6 +166,7 @@ def test_adapt_without_cases_or_remembered_mean_of_a_domain_is_refused(work, bas
 def test_negative_free_config_keys_are_checked(work, tmp_path):
     for text, key in (('[gate]\nmethod = "lda"\n', "gate.method"),
                       ('[gate]\nmethod = "negative-free"\nframing = 0.1\n', "gate.framing"),
+                      ('[gate]\nframing = 0.1\n', "gate.framing"),  # the default gate is negative-free
                       ('[gate]\npretrain_views = 3\n', "gate.pretrain_views")):
         config = tmp_path / "bad.toml"
         config.write_text(text)
@@ -177,3 +178,44 @@ def test_negative_free_config_keys_are_checked(work, tmp_path):
     p = run(work, "adapt", "--model", tmp_path / "none", "--data", work["new"], "--out", tmp_path / "never",
             "--config", config, timeout=60)
     assert p.returncode == ExitCode.USAGE and "'gate.method' is fixed by the base model" in p.stderr, p.stderr
+
+
+def test_refit_gate_turns_a_negative_free_gate_into_a_trained_one(work, base, tmp_path):
+    out = tmp_path / "regated"
+    p = run(work, "refit-gate", "--model", base, "--data", work["a"], work["b"], "--out", out, "--steps", 3,
+            "--batch-size", 4)
+    assert p.returncode == 0, p.stderr
+    assert "now a trained gate" in p.stderr
+    card = json.loads((out / "card.json").read_text())
+    assert card["gate"]["method"] == "trained" and "lda" not in card["gate"]
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert not torch.equal(before["gate.convs.0.weight"], after["gate.convs.0.weight"])
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("gate."))
+    # adapting it now treats the gate as trained (no LDA refit, no remembered means needed)
+    cfg = tmp_path / "adapt.toml"
+    cfg.write_text("steps = 2\nbatch_size = 2\ncheckpoint_every = 0\n[augment]\ngin = false\n")
+    p = run(work, "adapt", "--model", out, "--data", work["new"], "--out", tmp_path / "adapted", "--config", cfg)
+    assert p.returncode == 0, p.stderr
+    assert "refitted by LDA" not in p.stderr
+    assert json.loads((tmp_path / "adapted" / "card.json").read_text())["gate"]["method"] == "trained"
+
+
+@pytest.mark.parametrize("shape", ["default", "bench"])
+def test_the_default_and_the_bench_gate_shapes_ship_their_contrast_encoder(shape, monkeypatch, tmp_path):
+    """`uharmony train` with the default config and `uharmony bench generalize` never pretrain an encoder:
+    the file for their gate shape and pretraining settings is in the package and fits the gate."""
+    from uharmony.bench.generalize import budget
+    from uharmony.model.gate import DomainGate
+    from uharmony.train import contrast
+    from uharmony.train.config import GateConfig
+
+    monkeypatch.setenv("UHARMONY_DATA", str(tmp_path / "empty-cache" / "sources"))
+    monkeypatch.setattr(contrast, "pretrain_gate_features", lambda *a, **k: pytest.fail("pretrained an encoder"))
+    gate = {**GateConfig().__dict__, **(budget(500, False)["gate"] if shape == "bench" else {})}
+    assert gate["method"] == "negative-free"
+    path = contrast.ensure_encoder(1, gate["input_size"], gate["filters"], steps=gate["pretrain_steps"],
+                                   views=gate["pretrain_views"])
+    assert path.parent == contrast.SHIPPED_DIR
+    net = DomainGate(1, ["a", "b"], gate["input_size"], gate["filters"])
+    info = contrast.load_encoder(net, path)
+    assert info["steps"] == gate["pretrain_steps"] and info["held_loss_after"] < info["held_loss_before"]

@@ -46,6 +46,7 @@ poly_scale = 0.5
 [gate]
 input_size = [16, 16, 16]
 filters = [4, 8, 8]
+method = "trained"  # these tests check the trained gate (accuracy during training, framing, resume)
 """
 CLASSES_A = ["cerebrospinal fluid", "grey matter", "white matter"]
 CLASSES_B = ["grey matter", "white matter", "lesion"]
@@ -331,6 +332,7 @@ def test_config_table_in_docs_matches_the_code():
 def test_config_defaults_and_adapt_rules(tmp_path):
     cfg, given = load_config(None)
     assert cfg.method == "uharmony" and cfg.augment.gin and not given
+    assert cfg.gate.method == "negative-free"  # the default gate: fixed contrast encoder + LDA routing
     path = tmp_path / "a.toml"
     path.write_text("steps = 7\n[model]\nfilters = [4, 8, 16]\nstrides = [1, 2, 2]\n")
     cfg, given = load_config(path)

@@ -59,7 +59,7 @@ class GateConfig:
     batch_size: int = 8  # whole-image views per step for the gate (its own balanced draw; views are cheap)
     augment: bool = True  # flip, rotate, scale, shift and lightly re-light the gate's views (never GIN)
     framing: float = 0.0  # > 0: views of scans cropped/padded by up to this per side (as refit-gate --framing)
-    method: str = "trained"  # trained (cross-entropy with the network) or negative-free (fixed contrast encoder, LDA routing)
+    method: str = "negative-free"  # negative-free (fixed contrast encoder, LDA routing) or trained (cross-entropy with the network)
     pretrain_steps: int = 1500  # negative-free: steps of the contrast encoder's pretraining (cached per gate shape)
     pretrain_views: int = 1800  # negative-free: random-contrast synthetic views it pretrains on
 

@@ -231,26 +231,31 @@ def reference_features(gate: DomainGate, views: int = REFERENCE_VIEWS) -> np.nda
 
 
 def main(argv=None) -> int:
-    """Pretrain the encoder of the default gate shape and fed.toml settings into the package (SHIPPED_DIR)."""
+    """Pretrain into the package (SHIPPED_DIR) the encoders of the default gate shape (train and fed.toml
+    defaults) and of `uharmony bench generalize`'s gate, each unless it is shipped already."""
     import argparse
     import shutil
 
+    from uharmony.bench.generalize import budget
     from uharmony.fed.config import FedConfig
     from uharmony.progress import Reporter
 
     argparse.ArgumentParser(description=main.__doc__).parse_args(argv)
     cfg = FedConfig()
     reporter = Reporter("auto")
-    args = (len(cfg.channels), cfg.gate.input_size, cfg.gate.filters)
     settings = {"steps": cfg.gate_pretrain_steps, "views": cfg.gate_pretrain_views}
-    shipped = SHIPPED_DIR / encoder_file(*args, **settings).name
-    if shipped.is_file():
-        print(f"already shipped: {shipped}")
-        return 0
-    path = ensure_encoder(*args, **settings, progress=lambda stage, i, n: reporter.progress(f"contrast encoder {stage}", i, n))
-    SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, shipped)
-    print(f"shipped: {shipped}")
+    bench = budget(500, False)["gate"]
+    for shape in ((cfg.gate.input_size, cfg.gate.filters), (bench["input_size"], bench["filters"])):
+        args = (len(cfg.channels), *shape)
+        shipped = SHIPPED_DIR / encoder_file(*args, **settings).name
+        if shipped.is_file():
+            print(f"already shipped: {shipped}")
+            continue
+        path = ensure_encoder(*args, **settings,
+                              progress=lambda stage, i, n: reporter.progress(f"contrast encoder {stage}", i, n))
+        SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, shipped)
+        print(f"shipped: {shipped}")
     return 0
 
 

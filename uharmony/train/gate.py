@@ -8,7 +8,8 @@ off. The segmentation network is untouched by it: the gate is a separate small C
 `uharmony refit-gate --model M --data a.json b.json ... --out OUT` retrains only the gate of a
 model (every other weight byte-identical) on datalists of the model's domains, labelled or not,
 then recalibrates the unfamiliar-input score and reports gate accuracy per domain before and after.
-Use it when the gate misroutes: unlabelled scans of each domain are enough.
+Use it when the gate misroutes: unlabelled scans of each domain are enough. A negative-free gate
+refit this way becomes a trained one (its card says so and forgets the LDA means).
 
 ``gate.method = "negative-free"`` replaces the trained gate: its convolutions are the pretrained
 contrast encoder (`uharmony.train.contrast`, as a federation's gate), never trained, and its routing
@@ -230,6 +231,11 @@ def run_refit_gate(model_ref: str | None, data: list[str], out: str, *, steps: i
     print("\n".join(lines), file=sys.stderr, flush=True)
 
     card = copy.deepcopy(card)
+    if card["gate"].get("method") == "negative-free":
+        # its convolutions were trained just now: the fixed features and remembered LDA means no longer hold
+        card["gate"]["method"] = "trained"
+        card["gate"].pop("lda", None)
+        reporter.log("the negative-free gate is now a trained gate (card gate.method = trained)")
     card["gate"]["unfamiliar_threshold"] = round(threshold, 6)
     card["gate"]["calibration"] = calibration
     if framing > 0:  # a gate trained on reframed scans is asked about several fields of view (uharmony segment)
