@@ -11,7 +11,7 @@ then recalibrates the unfamiliar-input score and reports gate accuracy per domai
 Use it when the gate misroutes: unlabelled scans of each domain are enough. A negative-free gate
 refit this way becomes a trained one (its card says so and forgets the LDA means).
 
-``gate.method = "negative-free"`` replaces the trained gate: its convolutions are the pretrained
+``gate.method = "negative-free"`` (the default) replaces the trained gate: its convolutions are the pretrained
 contrast encoder (`uharmony.train.contrast`, as a federation's gate), never trained, and its routing
 rows come from linear discriminant analysis of each domain's pooled features (`fit_routing`): no
 cross-entropy, no negatives, and an adaptation adds a domain by adding its mean, without moving the

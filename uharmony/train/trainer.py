@@ -3,9 +3,10 @@
 Per step: a domain is drawn uniformly, then a case of it (balanced sampling), then a patch centred
 on foreground with probability ``fg_prob``; GIN (or IPA) changes the network's input only, on the
 training device; the loss is the marginal partial-label Dice+CE of each case's annotated classes
-(union label space), plus the gate's cross-entropy on whole low-resolution images (never GIN:
-its own larger batch of geometrically jittered views, `uharmony.train.gate`), plus the polynomial
-penalty. Every step's randomness comes from ``numpy.random.default_rng([seed, step])`` (case,
+(union label space), plus, with ``gate.method = "trained"``, the gate's cross-entropy on whole
+low-resolution images (never GIN: its own larger batch of geometrically jittered views,
+`uharmony.train.gate`; the default negative-free gate is fitted once by LDA, before the first step,
+and is not in the loss), plus the polynomial penalty. Every step's randomness comes from ``numpy.random.default_rng([seed, step])`` (case,
 patch, the seed of the ``torch.Generator`` GIN draws from, the gate's batch and jitter), so a run
 resumed from a checkpoint is the same as an uninterrupted one (bit-identical on the CPU).
 
