@@ -17,7 +17,7 @@ from pathlib import Path
 from uharmony import __version__
 from uharmony.errors import EXIT_CODE_HELP, BadInputError, ExitCode, UHarmonyError
 from uharmony.progress import MODES, Reporter
-from uharmony.train.config import GATE_METHODS
+from uharmony.train.config import GATE_METHODS, GateConfig
 
 EPILOG = "exit codes: " + ", ".join(f"{int(c)} {h}" for c, h in EXIT_CODE_HELP.items())
 
@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--single-source", action="store_true",
                    help="instead: one network per training style, with and without GIN, scored on every style "
                         "(GIN's own setting; ~5 min per seed on 2 cores)")
-    q.add_argument("--gate", default="negative-free", choices=GATE_METHODS,
-                   help="the U-Harmony models' gate.method (negative-free: contrast encoder + LDA, no gate training)")
+    q.add_argument("--gate", default=GateConfig().method, choices=GATE_METHODS,
+                   help="the U-Harmony models' gate.method (default: training's, negative-free: contrast encoder + LDA, "
+                        "no gate training)")
     q.add_argument("--methods", nargs="+", default=["uharmony", "joint", "separate"],
                    choices=("uharmony", "joint", "separate"),
                    help="which methods to train (uharmony brings its oracle and the adaptation rows)")

@@ -68,7 +68,6 @@ def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed:
     from uharmony.bench.generalize import effective_model
     from uharmony.train.config import GateConfig
 
-    model = effective_model(base)
     gate = {**GateConfig().__dict__, **base["gate"]}
     return {"domains": list(SITES), "classes": list(classes), "name": "bench-fed", "address": address,
             "out": "federation", "insecure": insecure, "rounds": rounds, "min_sites": len(SITES),
@@ -77,8 +76,7 @@ def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed:
             "train": {"local_steps": local, "batch_size": base["batch_size"], "patch_size": list(base["patch_size"]),
                       "spacing_mm": list(base["spacing_mm"]), "fg_prob": base.get("fg_prob", 0.67),
                       "lr": base["lr"], "seed": seed, "gin": gin, "eval_cases": 1},
-            "model": {k: model[k] for k in ("filters", "strides", "harmony_levels", "poly_degree", "clamp",
-                                            "poly_scale")},
+            "model": effective_model(base),  # every ModelConfig key: the budget's, the rest the defaults
             "gate": {k: gate[k] for k in ("input_size", "filters", "weight")}}
 
 

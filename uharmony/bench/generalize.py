@@ -31,6 +31,9 @@ import numpy as np
 import torch
 
 from uharmony.data import heads
+from uharmony.train.config import GateConfig
+
+DEFAULT_GATE = GateConfig().method  # the U-Harmony rows' gate.method: the training default
 
 CLASSES = ("cerebrospinal fluid", "grey matter", "white matter")
 BENCH_SEED = 100000
@@ -38,7 +41,7 @@ ADAPT_CASES = 4
 EVAL_OVERLAP = 0.25  # sliding-window overlap of the benchmark's evaluations (the models' own cards say 0.5)
 
 
-def budget(steps: int, quick: bool, gate: str = "negative-free") -> dict:
+def budget(steps: int, quick: bool, gate: str = DEFAULT_GATE) -> dict:
     """The config shared by every run (`uharmony train --config` keys); ``gate``: the gate.method."""
     if quick:  # smoke test: seconds, not meaningful
         return {"steps": steps, "batch_size": 2, "patch_size": [16, 16, 16], "spacing_mm": [6.0] * 3,
@@ -107,7 +110,7 @@ def _evaluator(data: dict[str, Path], spacing, gate_view):
 
 def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 500, train_cases: int = 12,
                          val_cases: int = 3, quick: bool = False, json_path: str | None = None,
-                         methods=("uharmony", "joint", "separate"), adapt: bool = True, gate: str = "negative-free",
+                         methods=("uharmony", "joint", "separate"), adapt: bool = True, gate: str = DEFAULT_GATE,
                          gin=(False, True)) -> int:
     """Train and score `methods` for every seed and GIN setting in `gin`; the adaptation rows (which adapt the
     uharmony+GIN model) only with `adapt`, uharmony among the methods and GIN on among the settings."""

@@ -6,9 +6,10 @@ training device; the loss is the marginal partial-label Dice+CE of each case's a
 (union label space), plus, with ``gate.method = "trained"``, the gate's cross-entropy on whole
 low-resolution images (never GIN: its own larger batch of geometrically jittered views,
 `uharmony.train.gate`; the default negative-free gate is fitted once by LDA, before the first step,
-and is not in the loss), plus the polynomial penalty. Every step's randomness comes from ``numpy.random.default_rng([seed, step])`` (case,
-patch, the seed of the ``torch.Generator`` GIN draws from, the gate's batch and jitter), so a run
-resumed from a checkpoint is the same as an uninterrupted one (bit-identical on the CPU).
+and is not in the loss), plus the polynomial penalty. Every step's randomness comes from
+``numpy.random.default_rng([seed, step])`` (case, patch, the seed of the ``torch.Generator`` GIN draws
+from, the gate's batch and jitter), so a run resumed from a checkpoint is the same as an uninterrupted
+one (bit-identical on the CPU).
 
 Methods (config ``method``): ``uharmony`` (U-Harmony layers, one head per domain, the gate routes
 at inference); ``oracle`` (trained identically; evaluated with the true domain, and the card says
