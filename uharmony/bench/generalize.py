@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from uharmony.data import heads
+from uharmony.data.io import atomic_output
 from uharmony.train.config import GateConfig
 
 DEFAULT_GATE = GateConfig().method  # the U-Harmony rows' gate.method: the training default
@@ -74,7 +75,8 @@ def make_data(work: Path, *, train: int, val: int, spacing: float) -> dict[str, 
     full["name"] += "-adapt"
     full["training"] = full["training"][:ADAPT_CASES]
     p = out[heads.BENCH_UNSEEN_DOMAIN].with_name("adapt.json")
-    p.write_text(json.dumps(full, indent=1))
+    with atomic_output(p) as tmp:  # workers (`--workers`) read it while another process may rewrite it
+        Path(tmp).write_text(json.dumps(full, indent=1))
     out["adapt"] = p
     return out
 
@@ -111,9 +113,11 @@ def _evaluator(data: dict[str, Path], spacing, gate_view):
 def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 500, train_cases: int = 12,
                          val_cases: int = 3, quick: bool = False, json_path: str | None = None,
                          methods=("uharmony", "joint", "separate"), adapt: bool = True, gate: str = DEFAULT_GATE,
-                         gin=(False, True)) -> int:
+                         gin=(False, True), workers: int = 1) -> int:
     """Train and score `methods` for every seed and GIN setting in `gin`; the adaptation rows (which adapt the
-    uharmony+GIN model) only with `adapt`, uharmony among the methods and GIN on among the settings."""
+    uharmony+GIN model) only with `adapt`, uharmony among the methods and GIN on among the settings.
+    ``workers`` > 1: each (seed, GIN setting, method) in its own single-threaded process, that many at a time
+    (`run_in_workers`)."""
     from uharmony.data.sources import cache_root
     from uharmony.model.package import load_model
     from uharmony.progress import Reporter
@@ -125,6 +129,9 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
     root.mkdir(parents=True, exist_ok=True)
     base = budget(steps, quick, gate)
     data = make_data(root, train=train_cases, val=val_cases, spacing=base["spacing_mm"][0])
+    if workers > 1:
+        return run_in_workers(root, workers, seeds=seeds, steps=steps, train_cases=train_cases, val_cases=val_cases,
+                              quick=quick, json_path=json_path, methods=methods, adapt=adapt, gate=gate, gin=gin)
     train_doms = [str(data[d]) for d in heads.BENCH_TRAIN_DOMAINS]
     rep = Reporter("none")
     results: dict[str, dict[int, dict]] = {}
@@ -194,6 +201,67 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
         Path(json_path).write_text(json.dumps({"summary": summary, "runs": results, "seconds": seconds,
                                                "config": base, "model": effective_model(base), "seeds": list(seeds),
                                                "minutes": round((time.time() - t0) / 60, 1)}, indent=1))
+    return 0
+
+
+def worker_jobs(root: Path, *, seeds, steps: int, train_cases: int, quick: bool, methods, adapt: bool, gate: str,
+                gin, parts: Path) -> list:
+    """One `uharmony bench generalize` command per (seed, GIN setting, method), each writing parts/<name>.json;
+    the adaptation rows go with the uharmony+GIN job of their seed (they adapt its model)."""
+    from uharmony.bench.workers import Job
+
+    jobs = []
+    for seed in seeds:
+        for with_gin in gin:
+            for method in methods:
+                adapts = adapt and with_gin and method == "uharmony"
+                name = f"seed{seed}-{method}{'+GIN' if with_gin else ''}"
+                args = ["bench", "generalize", "--work", str(root), "--seeds", str(seed), "--steps", str(steps),
+                        "--cases", str(train_cases), "--methods", method, "--gin", "on" if with_gin else "off",
+                        "--gate", gate, "--json", str(parts / f"{name}.json")]
+                args += ([] if adapts else ["--no-adapt"]) + (["--quick"] if quick else [])
+                # run time in models of `steps` steps: adaptation takes 1/2, the from-start model 4/3
+                jobs.append(Job(name, args, cost=1.0 + (0.5 + 4 / 3 if adapts else 0.0)))
+    return jobs
+
+
+def run_in_workers(root: Path, workers: int, *, seeds, steps: int, train_cases: int, val_cases: int, quick: bool,
+                   json_path: str | None, methods, adapt: bool, gate: str, gin) -> int:
+    """The benchmark as `worker_jobs`, `workers` processes at a time (`uharmony.bench.workers`); their files
+    merged into one table and, with `json_path`, one results file. The data exist already (made by the caller),
+    so no two processes render the same case."""
+    from tqdm import tqdm
+
+    from uharmony.bench.workers import run_jobs
+
+    if val_cases != (2 if quick else 3):
+        raise ValueError("with workers, the validation cases are the command line's (3, or 2 with quick)")
+    t0 = time.time()
+    parts = root / "parts"
+    jobs = worker_jobs(root, seeds=seeds, steps=steps, train_cases=train_cases, quick=quick, methods=methods,
+                       adapt=adapt, gate=gate, gin=gin, parts=parts)
+    for job in jobs:
+        (parts / f"{job.name}.json").unlink(missing_ok=True)  # a file left by an earlier run is not this run's
+    bar = tqdm(total=len(jobs), desc=f"jobs ({workers} at a time)", file=sys.stderr)
+
+    def done(name: str, seconds: float) -> None:
+        bar.update(1)
+        bar.write(f"[{time.time() - t0:6.0f} s] {name} done in {seconds / 60:.1f} min", file=sys.stderr)
+
+    try:
+        seconds = run_jobs(jobs, workers, parts, on_done=done)
+    finally:
+        bar.close()
+    docs = [(str(parts / f"{j.name}.json"), json.loads((parts / f"{j.name}.json").read_text())) for j in jobs]
+    merged = merge_results(docs)
+    merged["minutes"] = round((time.time() - t0) / 60, 1)  # wall time of the whole run, not of its longest job
+    merged["workers"] = workers
+    merged["job_minutes"] = {k: round(v / 60, 1) for k, v in seconds.items()}
+    summary = summarise({k: {int(s): v for s, v in per.items()} for k, per in merged["runs"].items()})
+    table = format_table(summary, seeds=list(seeds), steps=steps, quick=quick, minutes=merged["minutes"])
+    print(table + f"\n({len(jobs)} single-threaded jobs, {workers} at a time)\n\n" + "\n".join(check_targets(summary)))
+    if json_path:
+        Path(json_path).write_text(json.dumps(merged, indent=1))
     return 0
 
 

@@ -1,0 +1,76 @@
+"""`uharmony bench generalize --workers`: jobs as single-threaded child processes, a few at a time.
+
+The pool runs real processes (here tiny Python programs, then the real benchmark in quick mode); the
+merged table of a run split over workers must equal the one-process run's to the last digit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from uharmony.bench.workers import Job, JobFailed, run_jobs
+from uharmony.errors import ExitCode
+
+REPO = Path(__file__).resolve().parents[2]
+# a job: record start time, pid and OMP threads, sleep, record the end
+RECORD = ("import json, os, sys, time; t = time.time(); time.sleep(float(sys.argv[2])); "
+          "open(sys.argv[1], 'w').write(json.dumps([t, time.time(), os.environ.get('OMP_NUM_THREADS')]))")
+
+
+def test_jobs_run_longest_first_at_most_workers_at_a_time_single_threaded(tmp_path):
+    # (cost, seconds): j1 and j2 start first; j0 takes j1's slot when it ends, j3 takes j0's before j2 ends
+    plan = ((1, 0.35), (3, 0.35), (2, 1.4), (0.5, 0.35))
+    jobs = [Job(f"j{i}", [str(tmp_path / f"j{i}.json"), str(d)], cost=c) for i, (c, d) in enumerate(plan)]
+    done = []
+    seconds = run_jobs(jobs, 2, tmp_path / "logs", poll_s=0.05, on_done=lambda n, s: done.append(n),
+                       program=(sys.executable, "-c", RECORD))
+    rec = {j.name: json.loads((tmp_path / f"{j.name}.json").read_text()) for j in jobs}
+    assert set(seconds) == set(done) == {"j0", "j1", "j2", "j3"} and all(s >= 0.35 for s in seconds.values())
+    assert all(r[2] == "1" for r in rec.values())  # OMP_NUM_THREADS=1 in every job
+    # never more than 2 at once: at every job's start, fewer than 2 others are running
+    for name, (start, _, _) in rec.items():
+        assert sum(1 for o, (s, e, _) in rec.items() if o != name and s <= start < e) <= 1, rec
+    # the two costliest start first; the cheapest starts last
+    order = sorted(rec, key=lambda n: rec[n][0])
+    assert set(order[:2]) == {"j1", "j2"} and order[2:] == ["j0", "j3"], order
+    assert (tmp_path / "logs" / "j0.log").is_file()
+
+
+def test_a_failed_job_ends_the_others_and_names_its_log(tmp_path):
+    jobs = [Job("slow", ["import time; time.sleep(60)"], cost=2),
+            Job("bad", ["import sys; print('no such datalist'); sys.exit(5)"], cost=1)]
+    t = time.time()
+    with pytest.raises(JobFailed) as e:
+        run_jobs(jobs, 2, tmp_path / "logs", poll_s=0.05, program=(sys.executable, "-c"))
+    assert time.time() - t < 30  # the slow job was ended, not waited for
+    assert e.value.code == ExitCode.BAD_DATALIST and e.value.path == str(tmp_path / "logs" / "bad.log")
+    assert "bad" in str(e.value) and "code 5" in str(e.value)
+    assert "no such datalist" in (tmp_path / "logs" / "bad.log").read_text()
+    with pytest.raises(ValueError):
+        run_jobs(jobs, 0, tmp_path / "logs")
+
+
+def test_workers_give_the_one_process_table_to_the_digit(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "UHARMONY_DATA": str(tmp_path / "cache")}
+    common = [sys.executable, "-m", "uharmony", "bench", "generalize", "--quick", "--seeds", "0", "1", "--steps", "3",
+              "--cases", "2", "--methods", "uharmony", "joint", "--gin", "off", "--work", str(tmp_path / "work")]
+    one = subprocess.run([*common, "--json", str(tmp_path / "one.json")], capture_output=True, text=True,
+                         timeout=900, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*common, "--workers", "2", "--json", str(tmp_path / "two.json")], capture_output=True,
+                         text=True, timeout=900, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert set(b["runs"]) == {"uharmony", "oracle", "joint"} and b["seeds"] == [0, 1] and b["workers"] == 2
+    assert b["runs"] == a["runs"] and b["config"] == a["config"]
+    assert sorted(b["job_minutes"]) == ["seed0-joint", "seed0-uharmony", "seed1-joint", "seed1-uharmony"]
+    table = lambda s: [ln for ln in s.splitlines() if ln.startswith("| ")]  # noqa: E731
+    assert table(two.stdout) == table(one.stdout) and len(table(one.stdout)) == 4  # header + 3 rows
+    bad = subprocess.run([*common, "--workers", "0"], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == ExitCode.USAGE and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
