@@ -96,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
     q.add_argument("--json", default=None)
     q = bsub.add_parser("generalize", help="U-Harmony vs joint/separate/oracle, with and without GIN, on atlas-based "
-                                           "domains and an unseen style; adaptation with 4 cases (~60 min)")
+                                           "domains and an unseen style; adaptation with 4 cases (~45 min on 2 cores)")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    q.add_argument("--steps", type=int, default=500, help="optimiser steps per model")
+    q.add_argument("--steps", type=int, default=None,
+                   help="optimiser steps per model (default 1000; --single-source: 500)")
     q.add_argument("--cases", type=int, default=12, help="training cases per domain")
     q.add_argument("--work", default=None, help="folder for the generated data and the trained models")
     q.add_argument("--quick", action="store_true", help="tiny smoke run (seconds; the figures mean nothing)")
@@ -119,15 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train each method without GIN, with it, or both (default)")
     q.add_argument("--no-adapt", action="store_true",
                    help="leave out the adaptation rows (they adapt uharmony+GIN, so --gin off leaves them out too)")
-    q.add_argument("--workers", type=int, default=1,
-                   help="> 1: train each (seed, GIN setting, method) in its own single-threaded process, this many at "
-                        "a time (2 on a 2-core machine: ~1.5x faster), then print one table")
+    q.add_argument("--workers", type=int, default=0,
+                   help="train each (seed, GIN setting, method) in its own single-threaded process, this many at a "
+                        "time, then print one table (default 0: one per CPU core; 1: everything in this process)")
     q = bsub.add_parser("fed", help="federated (one site per style, FedGIN) vs centralized U-Harmony on the generalize "
                                     "benchmark's data and budget; bytes and round overhead of a real Flower run")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--rounds", type=int, default=None, help="federated rounds (default 12; quick 2); local steps "
                                                             "per round = steps / (3 sites x rounds)")
-    q.add_argument("--steps", type=int, default=None, help="the centralized budget (default 500, as generalize)")
+    q.add_argument("--steps", type=int, default=None, help="the centralized budget (default 500; to reuse a generalize run's "
+                                                            "results, run that with --steps 500 too)")
     q.add_argument("--cases", type=int, default=None, help="training cases per domain (default 12)")
     q.add_argument("--work", default=None, help="folder for the data and the models (generalize's --work to reuse "
                                                 "its data and centralized models)")
@@ -295,16 +297,19 @@ def _dispatch(args, reporter: Reporter) -> int:
                     return print_from_json(docs)
                 except ValueError as e:
                     raise BadInputError(str(e)) from None
-            if args.workers < 1 or (args.workers > 1 and args.single_source):
-                raise UHarmonyError("--workers must be >= 1, and is not for --single-source", code=ExitCode.USAGE)
+            if args.workers < 0 or (args.workers > 1 and args.single_source):
+                raise UHarmonyError("--workers must be >= 0, and is not for --single-source", code=ExitCode.USAGE)
             if args.single_source:
-                return single_source.run_single_source(work=args.work, seeds=tuple(args.seeds), steps=args.steps,
+                return single_source.run_single_source(work=args.work, seeds=tuple(args.seeds), steps=args.steps or 500,
                                                        train_cases=args.cases, val_cases=2 if args.quick else 3,
                                                        quick=args.quick, json_path=args.json)
-            return run_bench_generalize(work=args.work, seeds=tuple(args.seeds), steps=args.steps,
+            from uharmony.bench.generalize import DEFAULT_STEPS
+
+            workers = args.workers or (os.cpu_count() or 1)
+            return run_bench_generalize(work=args.work, seeds=tuple(args.seeds), steps=args.steps or DEFAULT_STEPS,
                                         train_cases=args.cases, val_cases=2 if args.quick else 3, quick=args.quick,
                                         json_path=args.json, methods=tuple(args.methods), gate=args.gate,
-                                        adapt=not args.no_adapt, workers=args.workers,
+                                        adapt=not args.no_adapt, workers=workers,
                                         gin={"both": (False, True), "off": (False,), "on": (True,)}[args.gin])
         if args.bench_command == "fed":
             from uharmony.bench.fed import print_from_json as fed_from_json

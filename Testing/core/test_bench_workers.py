@@ -60,7 +60,7 @@ def test_workers_give_the_one_process_table_to_the_digit(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "UHARMONY_DATA": str(tmp_path / "cache")}
     common = [sys.executable, "-m", "uharmony", "bench", "generalize", "--quick", "--seeds", "0", "1", "--steps", "3",
               "--cases", "2", "--methods", "uharmony", "joint", "--gin", "off", "--work", str(tmp_path / "work")]
-    one = subprocess.run([*common, "--json", str(tmp_path / "one.json")], capture_output=True, text=True,
+    one = subprocess.run([*common, "--workers", "1", "--json", str(tmp_path / "one.json")], capture_output=True, text=True,
                          timeout=900, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([*common, "--workers", "2", "--json", str(tmp_path / "two.json")], capture_output=True,
@@ -68,9 +68,23 @@ def test_workers_give_the_one_process_table_to_the_digit(tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert set(b["runs"]) == {"uharmony", "oracle", "joint"} and b["seeds"] == [0, 1] and b["workers"] == 2
+    assert "workers" not in a and (tmp_path / "work/parts/seed1-joint.log").is_file()
     assert b["runs"] == a["runs"] and b["config"] == a["config"]
     assert sorted(b["job_minutes"]) == ["seed0-joint", "seed0-uharmony", "seed1-joint", "seed1-uharmony"]
     table = lambda s: [ln for ln in s.splitlines() if ln.startswith("| ")]  # noqa: E731
     assert table(two.stdout) == table(one.stdout) and len(table(one.stdout)) == 4  # header + 3 rows
-    bad = subprocess.run([*common, "--workers", "0"], capture_output=True, text=True, timeout=120, env=env)
+    bad = subprocess.run([*common, "--workers", "-1"], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == ExitCode.USAGE and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_each_job_runs_in_one_process_and_adaptation_goes_with_its_model(tmp_path):
+    from uharmony.bench.generalize import worker_jobs
+
+    jobs = worker_jobs(tmp_path, seeds=(0, 1), steps=10, train_cases=2, quick=True, methods=("uharmony", "joint"),
+                       adapt=True, gate="negative-free", gin=(False, True), parts=tmp_path / "parts")
+    assert len(jobs) == 8 and len({j.name for j in jobs}) == 8
+    for j in jobs:
+        i = j.args.index("--workers")
+        assert j.args[i + 1] == "1"  # a job must not spawn workers of its own (the default is one per core)
+        assert ("--no-adapt" not in j.args) == (j.name.endswith("uharmony+GIN")), j.name
+    assert max(jobs, key=lambda j: j.cost).name.endswith("uharmony+GIN")
