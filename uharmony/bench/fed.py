@@ -42,6 +42,7 @@ import numpy as np
 
 from uharmony.bench import generalize as G
 from uharmony.data import heads
+from uharmony.data.io import write_json
 
 SITES = tuple(heads.BENCH_TRAIN_DOMAINS)  # one site per training style
 UNSEEN = heads.BENCH_UNSEEN_DOMAIN
@@ -505,7 +506,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
                "targets": check_targets(summary), "minutes": round((time.time() - t0) / 60, 1),
                "partial": partial, "quick": quick, **extra}
         if json_path:
-            Path(json_path).write_text(json.dumps(doc, indent=1, default=str))
+            write_json(json_path, doc, default=str)
         return doc
 
     def record(label: str, seed: int, scores: dict) -> None:

@@ -8,11 +8,11 @@ of the held-back style and of the CT-like style, at 1.5 mm so the model's resamp
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
+
+from uharmony.data.io import write_json
 
 GATE_SEED0 = 60000
 
@@ -55,5 +55,5 @@ def run_bench_gate(cases: int = 20, model=None, json_path: str | None = None) ->
         acc = f"{e['gate_accuracy']:.0%}" if trained else "-"
         print(f"{style:<14}{'yes' if trained else 'no':>11}{acc:>12}{e['flagged_unfamiliar']:>9.0%}{e['score_median']:>14.3g}")
     if json_path:
-        Path(json_path).write_text(json.dumps(r, indent=2))
+        write_json(json_path, r, indent=2)
     return 0

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from uharmony.data import heads
-from uharmony.data.io import atomic_output
+from uharmony.data.io import write_json
 from uharmony.train.config import GateConfig
 
 DEFAULT_GATE = GateConfig().method  # the U-Harmony rows' gate.method: the training default
@@ -78,8 +78,7 @@ def make_data(work: Path, *, train: int, val: int, spacing: float) -> dict[str, 
     full["name"] += "-adapt"
     full["training"] = full["training"][:ADAPT_CASES]
     p = out[heads.BENCH_UNSEEN_DOMAIN].with_name("adapt.json")
-    with atomic_output(p) as tmp:  # workers (`--workers`) read it while another process may rewrite it
-        Path(tmp).write_text(json.dumps(full, indent=1))
+    write_json(p, full)  # atomic: workers (`--workers`) read it while another process may rewrite it
     out["adapt"] = p
     return out
 
@@ -201,9 +200,9 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
     table = format_table(summary, seeds=list(seeds), steps=steps, quick=quick, minutes=(time.time() - t0) / 60)
     print(table + "\n\n" + "\n".join(check_targets(summary)))
     if json_path:
-        Path(json_path).write_text(json.dumps({"summary": summary, "runs": results, "seconds": seconds,
-                                               "config": base, "model": effective_model(base), "seeds": list(seeds),
-                                               "minutes": round((time.time() - t0) / 60, 1)}, indent=1))
+        write_json(json_path, {"summary": summary, "runs": results, "seconds": seconds, "config": base,
+                               "model": effective_model(base), "seeds": list(seeds),
+                               "minutes": round((time.time() - t0) / 60, 1)})
     return 0
 
 
@@ -264,7 +263,7 @@ def run_in_workers(root: Path, workers: int, *, seeds, steps: int, train_cases: 
     table = format_table(summary, seeds=list(seeds), steps=steps, quick=quick, minutes=merged["minutes"])
     print(table + f"\n({len(jobs)} single-threaded jobs, {workers} at a time)\n\n" + "\n".join(check_targets(summary)))
     if json_path:
-        Path(json_path).write_text(json.dumps(merged, indent=1))
+        write_json(json_path, merged)
     return 0
 
 

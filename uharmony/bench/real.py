@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from uharmony.data import sources
+from uharmony.data.io import write_json
 
 TISSUES = {1: "cerebrospinal fluid", 2: "grey matter", 3: "white matter"}
 
@@ -116,5 +117,5 @@ def run_bench_real(model=None, *, out: str = "docs/images", json_path: str | Non
                                                "gate": pred.gate.to_dict(), "seconds": secs}
     print(json.dumps(results, indent=1))
     if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=1))
+        write_json(json_path, results)
     return 0

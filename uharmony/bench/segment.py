@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from uharmony.data.io import write_json
+
 
 def _ours(path: str, out_dir: str, model, device: str, repeats: int, conn) -> None:
     import torch
@@ -149,10 +151,9 @@ def run_bench_segment(size: int = 200, repeats: int = 3, device: str = "auto", m
           f"voxel agreement {agreement:.4f}")
     print(f"device {ours['device']}, domain {ours['domain']}")
     if json_path:
-        Path(json_path).write_text(json.dumps({"size": size, "repeats": repeats, "ours": o, "reference": r,
-                                               "speedup": r["total"] / o["total"], "dice_foreground": dice_fg,
-                                               "dice_per_class": per_class, "voxel_agreement": agreement,
-                                               "peak_rss_mib": {"ours": ours["peak_rss_mib"],
-                                                                "reference": ref["peak_rss_mib"]},
-                                               "device": ours["device"]}, indent=2))
+        write_json(json_path, {"size": size, "repeats": repeats, "ours": o, "reference": r,
+                               "speedup": r["total"] / o["total"], "dice_foreground": dice_fg,
+                               "dice_per_class": per_class, "voxel_agreement": agreement,
+                               "peak_rss_mib": {"ours": ours["peak_rss_mib"], "reference": ref["peak_rss_mib"]},
+                               "device": ours["device"]}, indent=2)
     return 0

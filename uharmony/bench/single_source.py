@@ -20,6 +20,7 @@ import numpy as np
 
 from uharmony.bench import generalize as G
 from uharmony.data import heads
+from uharmony.data.io import write_json
 
 STYLES = (*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN)
 ARMS = {"": {"gin": False}, "+GIN": {"gin": True}}  # label suffix -> train config `augment`
@@ -61,7 +62,7 @@ def run_single_source(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 
               "minutes": round(minutes, 1)}
     print(format_report(result, quick=quick))
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=1))
+        write_json(json_path, result)
     return 0
 
 

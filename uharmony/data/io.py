@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import logging
 import os
 import re
@@ -593,6 +594,16 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 1, default=None) -> None:
+    """Write `data` as JSON to `path` through `atomic_output`, flushed to disk before the move: a reader
+    (another process, or the next run after a crash) sees the old file or the new one, never half of one."""
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=indent, default=default)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _storage_array(array: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from uharmony.data.io import atomic_output, write_json
 from uharmony.fed import aggregate as A
 from uharmony.fed import messages as M
 from uharmony.fed.config import site_domain_lr_scale
@@ -47,13 +48,12 @@ def save_gate_stats(path: Path, site_stats: dict) -> None:
     """Write each site's latest gate statistics ({site: (domain, FeatureStats)}) atomically."""
     from safetensors.numpy import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     arrays = {f"{site}.{k}": np.ascontiguousarray(v, np.float64) for site, (_, st) in site_stats.items()
               for k, v in (("count", np.asarray([st.count], np.float64)), ("mean", st.mean), ("scatter", st.scatter),
                            ("style-mean", st.style_mean), ("style-scatter", st.style_scatter)) if v is not None}
     sites = json.dumps({site: domain for site, (domain, _) in site_stats.items()})
-    save_file(arrays, str(tmp), metadata={"sites": sites})
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file(arrays, tmp, metadata={"sites": sites})
 
 
 def load_gate_stats(path: Path, domains: list[str]) -> dict:
@@ -78,12 +78,6 @@ def load_gate_stats(path: Path, domains: list[str]) -> dict:
             out[site] = (domain, A.FeatureStats(int(raw[f"{key}.count"][0]), raw[f"{key}.mean"], raw[f"{key}.scatter"],
                                                 raw.get(f"{key}.style-mean"), raw.get(f"{key}.style-scatter")))
     return out
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def append_jsonl(path: Path, entry: dict) -> None:
@@ -271,7 +265,7 @@ class UHarmonyStrategy(FedAvg):
 
     # -- helpers ---------------------------------------------------------------------------
     def status(self, **fields) -> None:
-        write_json_atomic(self.out / STATUS, {"time": time.time(), **fields})
+        write_json(self.out / STATUS, {"time": time.time(), **fields})
 
     def _outgoing(self, record: RecordDict, nodes: list[int], kind: str) -> list:
         self.outbox = list(self._construct_messages(record, nodes, kind))

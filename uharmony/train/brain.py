@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 from uharmony.data import heads, sources
+from uharmony.data.io import write_json
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "brain.toml"
@@ -224,18 +225,11 @@ def portable_paths(obj, roots, name: str = "work"):
     return walk(obj)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    from uharmony.data.io import atomic_output
-
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=1))
-
-
 def _set_overlap(card_path: Path) -> None:
     card = json.loads(card_path.read_text())
     if card["input"].get("overlap") != OVERLAP:
         card["input"]["overlap"] = OVERLAP
-        _write_json(card_path, card)
+        write_json(card_path, card)
 
 
 def cmd_finish(model: str, install: bool, images: str, data: str | None = None) -> int:
@@ -252,7 +246,7 @@ def cmd_finish(model: str, install: bool, images: str, data: str | None = None) 
     card = finish_card(json.loads(card_path.read_text()), real, synthetic)
     card = portable_paths(card, [Path(model).resolve().parent] + ([Path(data).resolve().parent] if data else []))
     validate_card(card, card_path)
-    _write_json(card_path, card)
+    write_json(card_path, card)
     if install:
         dest = REPO / "uharmony" / "models" / "brain"
         if dest.exists():

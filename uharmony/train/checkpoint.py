@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from uharmony.data.io import write_json
 from uharmony.errors import ExitCode, UHarmonyError
 from uharmony.model.package import load_portable_state_dict, portable_state_dict
 from uharmony.model.registry import sha256_file, staged_folder
@@ -69,19 +69,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(folder: str | os.PathLike, *, step: int, model, optimizer, scaler=None, meta: dict) -> Path:
     """Write the checkpoint of `step` atomically; return its step folder."""
     folder = Path(folder)
@@ -99,8 +86,8 @@ def save_checkpoint(folder: str | os.PathLike, *, step: int, model, optimizer, s
             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
             "sha256": {f: sha256_file(staging / f) for f in ("model.safetensors", "optimizer.safetensors")},
         }
-        _write_json(staging / "state.json", state)
-    _write_json(folder / LATEST, {"format": FORMAT, "step": int(step), "folder": name})
+        write_json(staging / "state.json", state)
+    write_json(folder / LATEST, {"format": FORMAT, "step": int(step), "folder": name})
     for old in folder.iterdir():  # older steps and staging leftovers of a killed run
         if old.name != name and old.name != LATEST and (old.name.startswith("step-") or old.name.startswith(".")):
             if old.is_dir():
