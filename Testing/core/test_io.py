@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -23,6 +24,7 @@ from uharmony.data.io import (
     read_header,
     read_volume,
     resample_onto,
+    write_json,
     write_volume,
 )
 from uharmony.errors import BadInputError, OutOfMemoryError, OutputError
@@ -503,6 +505,18 @@ def test_atomic_output_moves_into_place(tmp_path):
         assert tmp.endswith(".json")
         open(tmp, "w").write("{}")
     assert os.listdir(tmp_path) == ["report.json"] and target.read_text() == "{}"
+
+
+def test_write_json_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "results.json"
+    write_json(target, {"runs": {"0": 0.5}})
+    assert json.loads(target.read_text()) == {"runs": {"0": 0.5}} and target.read_text().endswith("\n")
+    # An object json cannot encode fails half-way through the dump: the old file stays, no temporary left.
+    with pytest.raises(TypeError):
+        write_json(target, {"a": 1, "b": object()})
+    assert os.listdir(tmp_path) == ["results.json"] and json.loads(target.read_text()) == {"runs": {"0": 0.5}}
+    write_json(target, {"b": object()}, default=lambda o: "obj")
+    assert json.loads(target.read_text()) == {"b": "obj"}
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
