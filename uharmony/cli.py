@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
     q.add_argument("--json", default=None)
     q = bsub.add_parser("generalize", help="U-Harmony vs joint/separate/oracle, with and without GIN, on atlas-based "
-                                           "domains and an unseen style; adaptation with 4 cases (~45 min on 2 cores)")
+                                           "domains and an unseen style; adaptation with 4 cases (~36 min on 2 cores)")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--steps", type=int, default=None,
                    help="optimiser steps per model (default 1000; --single-source: 500)")

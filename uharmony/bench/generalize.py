@@ -196,8 +196,8 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
             for label, s in scores.items():
                 record(label, seed, s)
 
-    summary, text = report(results, seeds=seeds, steps=steps, quick=quick, minutes=(time.time() - t0) / 60)
-    print(text)
+    summary = summarise(results)
+    print(report(summary, seeds=seeds, steps=steps, quick=quick, minutes=(time.time() - t0) / 60))
     if json_path:
         write_json(json_path, {"summary": summary, "runs": results, "seconds": seconds, "config": base,
                                "model": effective_model(base), "seeds": list(seeds),
@@ -258,8 +258,8 @@ def run_in_workers(root: Path, workers: int, *, seeds, steps: int, train_cases: 
     merged["minutes"] = round((time.time() - t0) / 60, 1)  # wall time of the whole run, not of its longest job
     merged["workers"] = workers
     merged["job_minutes"] = {k: round(v / 60, 1) for k, v in seconds.items()}
-    print(report(merged["runs"], seeds=seeds, steps=steps, quick=quick, minutes=merged["minutes"],
-                 note=f"({len(jobs)} single-threaded jobs, {workers} at a time)")[1])
+    print(report(summarise(merged["runs"]), seeds=seeds, steps=steps, quick=quick, minutes=merged["minutes"],
+                 note=f"({len(jobs)} single-threaded jobs, {workers} at a time)"))
     if json_path:
         write_json(json_path, merged)
     return 0
@@ -289,7 +289,9 @@ def adapt_vs_joint(root: Path, seed: int, base: dict, data: dict, train, run_ada
     return {"adapted+GIN": adapted, "from-start+GIN": evaluate_with(model, "auto", patch)}
 
 
-def summarise(results: dict[str, dict[int, dict]]) -> dict:
+def summarise(results: dict[str, dict]) -> dict:
+    """label -> domain -> mean, sd and n over seeds (and the gate's mean accuracy); the seed keys may be
+    ints, as recorded, or strings, as read back from a results file."""
     out = {}
     for label, per_seed in results.items():
         row = {}
@@ -305,12 +307,10 @@ def summarise(results: dict[str, dict[int, dict]]) -> dict:
     return out
 
 
-def report(runs: dict, *, seeds, steps: int, quick: bool, minutes: float, note: str = "") -> tuple[dict, str]:
-    """(summary, printed text: the table, `note` below it, the target checks) of runs as recorded or as read
-    back from a results file (whose seeds are strings)."""
-    summary = summarise({k: {int(s): v for s, v in per.items()} for k, per in runs.items()})
+def report(summary: dict, *, seeds, steps: int, quick: bool, minutes: float, note: str = "") -> str:
+    """The printed result of a `summarise`d run: the table, `note` below it, the target checks."""
     table = format_table(summary, seeds=list(seeds), steps=steps, quick=quick, minutes=minutes)
-    return summary, table + (f"\n{note}" if note else "") + "\n\n" + "\n".join(check_targets(summary))
+    return table + (f"\n{note}" if note else "") + "\n\n" + "\n".join(check_targets(summary))
 
 
 def format_table(summary: dict, *, seeds, steps: int, quick: bool, minutes: float) -> str:
@@ -420,5 +420,5 @@ def print_from_json(docs: list[tuple[str, dict]]) -> int:
     """Re-print the table and the target checks from one or more (path, results) of --json, as the CLI has
     read them (merged: the same budget, each run in one file only)."""
     r = merge_results(docs) if len(docs) > 1 else docs[0][1]
-    print(report(r["runs"], seeds=r["seeds"], steps=r["config"]["steps"], quick=False, minutes=r["minutes"])[1])
+    print(report(summarise(r["runs"]), seeds=r["seeds"], steps=r["config"]["steps"], quick=False, minutes=r["minutes"]))
     return 0
