@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quick", action="store_true", help="tiny smoke run (about a minute; the figures mean nothing)")
     q.add_argument("--json", default=None)
     q.add_argument("--from-json", default=None, help="only re-print the report of an earlier --json")
+    q.add_argument("--workers", type=int, default=0,
+                   help="run each (arm, seed, GIN setting) in its own single-threaded process, this many at a time, "
+                        "then the real Flower run alone (default 0: one per CPU core; 1: everything in this process)")
+    q.add_argument("--arm", default="both", choices=("both", "central", "federated"),
+                   help="train only one arm (what a worker runs; `both` is the benchmark)")
+    q.add_argument("--gin", default="both", choices=("both", "off", "on"),
+                   help="each arm without GIN, with it, or both (default)")
 
     p = sub.add_parser("train", help="train a model jointly on several datalists (see docs/training.md)", epilog=EPILOG,
                        description="Train one U-Harmony model on one or more MSD-style datalists (dataset.json); "
@@ -245,6 +252,13 @@ def _results_json(path: str) -> dict:
     return data
 
 
+def _workers(n: int) -> int:
+    """A benchmark's --workers: 0 is one per CPU core."""
+    if n < 0:
+        raise UHarmonyError("--workers must be >= 0", code=ExitCode.USAGE)
+    return n or (os.cpu_count() or 1)
+
+
 def _dispatch(args, reporter: Reporter) -> int:
     if args.command == "segment":
         return _segment(args, reporter)
@@ -305,11 +319,10 @@ def _dispatch(args, reporter: Reporter) -> int:
                                                        quick=args.quick, json_path=args.json)
             from uharmony.bench.generalize import DEFAULT_STEPS
 
-            workers = args.workers or (os.cpu_count() or 1)
             return run_bench_generalize(work=args.work, seeds=tuple(args.seeds), steps=args.steps or DEFAULT_STEPS,
                                         train_cases=args.cases, val_cases=2 if args.quick else 3, quick=args.quick,
                                         json_path=args.json, methods=tuple(args.methods), gate=args.gate,
-                                        adapt=not args.no_adapt, workers=workers,
+                                        adapt=not args.no_adapt, workers=_workers(args.workers),
                                         gin={"both": (False, True), "off": (False,), "on": (True,)}[args.gin])
         if args.bench_command == "fed":
             from uharmony.bench.fed import print_from_json as fed_from_json
@@ -322,7 +335,9 @@ def _dispatch(args, reporter: Reporter) -> int:
             return run_bench_fed(work=args.work, seeds=tuple(args.seeds), quick=q, json_path=args.json,
                                  rounds=args.rounds or (2 if q else 12), steps=args.steps or (6 if q else 500),
                                  train_cases=args.cases or (2 if q else 12), val_cases=1 if q else 3,
-                                 central_json=args.central_json,
+                                 central_json=args.central_json, workers=_workers(args.workers),
+                                 arms=("central", "federated") if args.arm == "both" else (args.arm,),
+                                 gin={"both": (False, True), "off": (False,), "on": (True,)}[args.gin],
                                  flower_rounds=(1 if q else 2) if args.flower_rounds is None else args.flower_rounds)
         if args.bench_command == "gate":
             from uharmony.bench.gate import run_bench_gate

@@ -88,3 +88,29 @@ def test_each_job_runs_in_one_process_and_adaptation_goes_with_its_model(tmp_pat
         assert j.args[i + 1] == "1"  # a job must not spawn workers of its own (the default is one per core)
         assert ("--no-adapt" not in j.args) == (j.name.endswith("uharmony+GIN")), j.name
     assert max(jobs, key=lambda j: j.cost).name.endswith("uharmony+GIN")
+
+
+def test_bench_fed_jobs_one_per_arm_seed_and_gin_setting(tmp_path):
+    """`bench fed --workers N`: each job runs one arm of one seed and GIN setting in one process, and none runs
+    the real Flower run (the parent runs it once, alone, so that its round timings are not of a loaded machine)."""
+    from uharmony.bench.fed import arm_jobs
+
+    todo = [(arm, seed, gin) for arm in ("central", "federated") for seed in (0, 1) for gin in (False, True)]
+    jobs = arm_jobs(tmp_path, todo, steps=500, rounds=12, train_cases=12, quick=False, parts=tmp_path / "parts")
+    assert len({j.name for j in jobs}) == 8
+    for j, (arm, seed, gin) in zip(jobs, todo):
+        a = j.args
+        assert a[:2] == ["bench", "fed"] and a[a.index("--workers") + 1] == "1"
+        assert a[a.index("--flower-rounds") + 1] == "0" and a[a.index("--arm") + 1] == arm
+        assert a[a.index("--seeds") + 1] == str(seed) and a[a.index("--gin") + 1] == ("on" if gin else "off")
+        assert a[a.index("--json") + 1] == str(tmp_path / "parts" / f"{j.name}.json")
+    first = max(jobs, key=lambda j: j.cost)  # `run_jobs` starts the costliest first
+    assert first.args[first.args.index("--arm") + 1] == "federated"
+
+
+def test_bench_fed_refuses_negative_workers(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    bad = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--quick", "--workers", "-1", "--work",
+                          str(tmp_path / "work")], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == ExitCode.USAGE and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "--workers" in bad.stderr and not (tmp_path / "work").exists()

@@ -30,7 +30,7 @@ def bench(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("UHARMONY_FED_FAULT", None)
     done = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--quick", "--seeds", "0",
-                           "--work", str(root / "work"), "--json", str(root / "r.json")],
+                           "--work", str(root / "work"), "--json", str(root / "r.json"), "--workers", "2"],
                           env=env, capture_output=True, text=True, encoding="utf-8", timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return {"root": root, "stdout": done.stdout, "stderr": done.stderr,
@@ -92,6 +92,24 @@ def test_json_scores_ratios_and_budget(bench):
     assert p["fed_steps_total"] == 3 * p["steps_per_site"]
     assert abs(p["fed_steps_total"] - p["central_steps"]) <= 3 * p["rounds"] / 2  # rounding of local steps only
     assert p["patches_per_domain_fed"] == pytest.approx(p["patches_per_domain_central"], rel=0.25)
+
+
+def test_each_arm_ran_as_its_own_job_and_the_parts_were_merged(bench):
+    """--workers 2: each (arm, GIN setting) is a child `bench fed --arm ... --gin ...` writing a part file; the
+    results file holds exactly the parts' rows, and the real Flower run is the parent's alone."""
+    r, parts = bench["json"], bench["root"] / "work" / "fed" / "parts"
+    jobs = {"seed0-central": "centralized", "seed0-central+GIN": "centralized+GIN",
+            "seed0-federated": "federated", "seed0-federated+GIN": "federated+GIN"}
+    assert r["workers"] == 2 and set(r["job_minutes"]) == set(jobs)
+    for name, label in jobs.items():
+        part = json.loads((parts / f"{name}.json").read_text(encoding="utf-8"))
+        arm, _, tag = label.partition("+")
+        rows = {label, f"{arm}-oracle" + ("+" + tag if tag else "")}
+        assert set(part["runs"]) == rows, name  # one arm, one GIN setting per job
+        for row in rows:
+            assert part["runs"][row]["0"] == r["runs"][row]["0"]
+        assert part["flower"] is None and part["partial"] is False
+        assert set(part["fed_runs"]) == ({"seed0" + ("+GIN" if tag else "")} if arm == "federated" else set())
 
 
 def test_bytes_per_round_are_the_owned_parameter_arrays(bench):

@@ -91,6 +91,32 @@ def write_fed_config(folder: Path, cfg: dict):
     return load_fed_config(path)
 
 
+def encoder_ready(cfg_dict: dict, root: Path, log) -> None:
+    """Pretrain the gate's contrast encoder for this gate shape now if it is not cached: otherwise every
+    federated job of `arm_jobs` would pretrain the same one at once."""
+    from uharmony.fed.server_app import contrast_encoder_file, uses_contrast_encoder
+
+    s = write_fed_config(root / "fed" / "encoder-check", cfg_dict).to_dict()
+    if uses_contrast_encoder(s):
+        log(f"gate contrast encoder: {contrast_encoder_file(s)}")
+
+
+def arm_jobs(root: Path, todo, *, steps: int, rounds: int, train_cases: int, quick: bool, parts: Path) -> list:
+    """One `uharmony bench fed --arm ARM --seeds S --gin on|off` command per (arm, seed, GIN setting), each
+    writing parts/<name>.json (no real Flower run: the caller runs it once, alone, for its timings)."""
+    from uharmony.bench.workers import Job
+
+    jobs = []
+    for arm, seed, gin in todo:
+        name = f"seed{seed}-{arm}{'+GIN' if gin else ''}"
+        args = ["bench", "fed", "--work", str(root), "--seeds", str(seed), "--steps", str(steps), "--rounds",
+                str(rounds), "--cases", str(train_cases), "--arm", arm, "--gin", "on" if gin else "off",
+                "--flower-rounds", "0", "--workers", "1", "--json", str(parts / f"{name}.json")]
+        # one core, 1000 steps: a federated seed took 2.9-4.8 min, a centralized model 2.2-3.3 min
+        jobs.append(Job(name, args + (["--quick"] if quick else []), cost=1.3 if arm == "federated" else 1.0))
+    return jobs
+
+
 def site_array_bytes(model, domain: str, fixed_gate: bool = True) -> int:
     """Bytes of the arrays a `domain` site sends: the global model's, by `messages.site_keys`, plus (fixed,
     negative-free gate) its gate feature statistics: float64 count, mean (F), scatter (F x F) and the style
@@ -459,7 +485,11 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
 
 def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12, steps: int = 500,
                   train_cases: int = 12, val_cases: int = 3, quick: bool = False, json_path: str | None = None,
-                  central_json: str | None = None, flower_rounds: int = 2, flower_timeout: float = 600.0) -> int:
+                  central_json: str | None = None, flower_rounds: int = 2, flower_timeout: float = 600.0,
+                  workers: int = 1, arms=("central", "federated"), gin=(False, True)) -> int:
+    """Both arms for every seed and GIN setting in `gin`, then (with `flower_rounds`) one real Flower run.
+    ``workers`` > 1: each (arm, seed, GIN setting) in its own single-threaded process, that many at a time
+    (`arm_jobs`); ``arms`` = one arm only is what such a job runs."""
     from uharmony.data.datalist import union_label_space
     from uharmony.data.sources import cache_root
     from uharmony.model.package import load_model
@@ -514,8 +544,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         log(f"seed {seed} {label:<16} " + " ".join(
             f"{d}={scores[d]['score']:.3f}" for d in (*SITES, UNSEEN) if d in scores and scores[d]["score"] is not None))
 
-    # -- centralized arm
-    if central_json:
+    # -- centralized arm: reused when it can be (it then needs both GIN settings of every seed)
+    if central_json and "central" in arms:
         try:
             from uharmony.fed.server_app import arch_of
 
@@ -528,41 +558,62 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
             extra["central_source"] = f"reused from {central_json} (same data, config and seeds; cards checked)"
         except ValueError as e:
             log(f"not reusing the centralized results: {e}; training them here")
-    if extra["central_source"] is None:
-        rep = Reporter("none")
-        for seed in seeds:
-            for gin in (False, True):
-                tag = "+GIN" if gin else ""
-                out = root / "fed" / f"seed{seed}" / ("central" + tag)
-                cfg_path = out.with_name(out.name + ".json")
-                cfg_path.parent.mkdir(parents=True, exist_ok=True)
-                cfg_path.write_text(json.dumps(central_config(base, seed, gin)))
-                run_train([str(datalists[d]) for d in SITES], str(out), str(cfg_path), overwrite=True, reporter=rep,
-                          argv=["bench", "fed"])
-                model, _ = load_model(out)
-                record("centralized" + tag, seed, evaluator(model)(model, "auto", patch))
-                record("centralized-oracle" + tag, seed, evaluator(model)(model, "oracle", patch, only=SITES))
-        extra["central_source"] = "trained here with the config of `uharmony bench generalize`"
-    save(partial=True)
+    todo = [(arm, seed, g) for arm in arms if arm == "federated" or extra["central_source"] is None
+            for seed in seeds for g in gin]
+    if workers > 1 and len(todo) > 1:
+        if val_cases != (1 if quick else 3):
+            raise ValueError("with workers, the validation cases are the command line's (3, or 1 with quick)")
+        if any(arm == "federated" for arm, _, _ in todo):  # pretrain the gate's encoder once, not in every job
+            encoder_ready(fed_config(base, classes=classes, rounds=rounds, local=local, seed=seeds[0], gin=True,
+                                     pretrain=pretrain), root, log)
+        parts = root / "fed" / "parts"
+        jobs = arm_jobs(root, todo, steps=steps, rounds=rounds, train_cases=train_cases, quick=quick, parts=parts)
+        for job in jobs:
+            (parts / f"{job.name}.json").unlink(missing_ok=True)  # a file left by an earlier run is not this run's
+        log(f"{len(jobs)} single-threaded jobs, {workers} at a time (logs in {parts})")
+        from uharmony.bench.workers import run_jobs
 
-    # -- federated arm (in-process)
-    for seed in seeds:
-        for gin in (False, True):
-            tag = "+GIN" if gin else ""
-            folder = root / "fed" / f"seed{seed}" / ("federated" + tag)
-            log(f"seed {seed} federated{tag}: {rounds} rounds x {local} local steps at {len(SITES)} sites (in-process)")
-            cfg = fed_config(base, classes=classes, rounds=rounds, local=local, seed=seed, gin=gin, pretrain=pretrain)
-            run = run_federation_inprocess(cfg, datalists, folder, log=log)
-            model, _ = load_model(run["out"])
-            expected = {d: site_array_bytes(model, d) for d in SITES}
-            extra["fed_runs"][f"seed{seed}{tag}"] = {"bytes": run["bytes"], "expected_up_array_bytes": expected,
-                                                     "seconds": run["seconds"],
-                                                     "rejected": [x for e in run["rounds"] for x in e["rejected"]],
-                                                     "round_seconds": [e["seconds"]["round"] for e in run["rounds"]]}
-            record("federated" + tag, seed, evaluator(model)(model, "auto", patch))
-            # the same model routed by the true domain: separates the gate's routing from the segmentation
-            record("federated-oracle" + tag, seed, evaluator(model)(model, "oracle", patch, only=SITES))
+        seconds = run_jobs(jobs, workers, parts, on_done=lambda name, sec: log(f"{name} done in {sec / 60:.1f} min"))
+        for job in jobs:
+            part = json.loads((parts / f"{job.name}.json").read_text())
+            for label, per in part["runs"].items():
+                for seed, scores in per.items():
+                    results.setdefault(label, {})[int(seed)] = scores
+            extra["fed_runs"].update(part["fed_runs"])
+        extra["job_minutes"] = {k: round(v / 60, 1) for k, v in seconds.items()}
+        extra["workers"] = workers
+        todo = []
+    rep = Reporter("none")
+    for arm, seed, g in todo:
+        tag = "+GIN" if g else ""
+        if arm == "central":
+            out = root / "fed" / f"seed{seed}" / ("central" + tag)
+            cfg_path = out.with_name(out.name + ".json")
+            cfg_path.parent.mkdir(parents=True, exist_ok=True)
+            cfg_path.write_text(json.dumps(central_config(base, seed, g)))
+            run_train([str(datalists[d]) for d in SITES], str(out), str(cfg_path), overwrite=True, reporter=rep,
+                      argv=["bench", "fed"])
+            model, _ = load_model(out)
+            record("centralized" + tag, seed, evaluator(model)(model, "auto", patch))
+            record("centralized-oracle" + tag, seed, evaluator(model)(model, "oracle", patch, only=SITES))
             save(partial=True)
+            continue
+        folder = root / "fed" / f"seed{seed}" / ("federated" + tag)
+        log(f"seed {seed} federated{tag}: {rounds} rounds x {local} local steps at {len(SITES)} sites (in-process)")
+        cfg = fed_config(base, classes=classes, rounds=rounds, local=local, seed=seed, gin=g, pretrain=pretrain)
+        run = run_federation_inprocess(cfg, datalists, folder, log=log)
+        model, _ = load_model(run["out"])
+        expected = {d: site_array_bytes(model, d) for d in SITES}
+        extra["fed_runs"][f"seed{seed}{tag}"] = {"bytes": run["bytes"], "expected_up_array_bytes": expected,
+                                                 "seconds": run["seconds"],
+                                                 "rejected": [x for e in run["rounds"] for x in e["rejected"]],
+                                                 "round_seconds": [e["seconds"]["round"] for e in run["rounds"]]}
+        record("federated" + tag, seed, evaluator(model)(model, "auto", patch))
+        # the same model routed by the true domain: separates the gate's routing from the segmentation
+        record("federated-oracle" + tag, seed, evaluator(model)(model, "oracle", patch, only=SITES))
+        save(partial=True)
+    if "central" in arms and extra["central_source"] is None:
+        extra["central_source"] = "trained here with the config of `uharmony bench generalize`"
 
     # -- one short real Flower run: bytes and round overhead
     if flower_rounds > 0:
