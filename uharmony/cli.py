@@ -252,6 +252,9 @@ def _results_json(path: str) -> dict:
     return data
 
 
+GIN_SETTINGS = {"both": (False, True), "off": (False,), "on": (True,)}  # a benchmark's --gin
+
+
 def _workers(n: int) -> int:
     """A benchmark's --workers: 0 is one per CPU core."""
     if n < 0:
@@ -323,7 +326,7 @@ def _dispatch(args, reporter: Reporter) -> int:
                                         train_cases=args.cases, val_cases=2 if args.quick else 3, quick=args.quick,
                                         json_path=args.json, methods=tuple(args.methods), gate=args.gate,
                                         adapt=not args.no_adapt, workers=_workers(args.workers),
-                                        gin={"both": (False, True), "off": (False,), "on": (True,)}[args.gin])
+                                        gin=GIN_SETTINGS[args.gin])
         if args.bench_command == "fed":
             from uharmony.bench.fed import print_from_json as fed_from_json
             from uharmony.bench.fed import run_bench_fed
@@ -337,7 +340,7 @@ def _dispatch(args, reporter: Reporter) -> int:
                                  train_cases=args.cases or (2 if q else 12), val_cases=1 if q else 3,
                                  central_json=args.central_json, workers=_workers(args.workers),
                                  arms=("central", "federated") if args.arm == "both" else (args.arm,),
-                                 gin={"both": (False, True), "off": (False,), "on": (True,)}[args.gin],
+                                 gin=GIN_SETTINGS[args.gin],
                                  flower_rounds=(1 if q else 2) if args.flower_rounds is None else args.flower_rounds)
         if args.bench_command == "gate":
             from uharmony.bench.gate import run_bench_gate

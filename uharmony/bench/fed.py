@@ -582,6 +582,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
             extra["fed_runs"].update(part["fed_runs"])
         extra["job_minutes"] = {k: round(v / 60, 1) for k, v in seconds.items()}
         extra["workers"] = workers
+        save(partial=True)
         todo = []
     rep = Reporter("none")
     for arm, seed, g in todo:
@@ -616,7 +617,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         extra["central_source"] = "trained here with the config of `uharmony bench generalize`"
 
     # -- one short real Flower run: bytes and round overhead
-    if flower_rounds > 0:
+    if flower_rounds > 0 and "federated" in arms:
         log(f"real Flower run: {flower_rounds} round(s) x {local} local steps, 3 sites, TLS + keys on 127.0.0.1")
         cfg = fed_config(base, classes=classes, rounds=flower_rounds, local=local, seed=seeds[0], gin=True,
                          pretrain=pretrain)
