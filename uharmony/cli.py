@@ -124,12 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train each (seed, GIN setting, method) in its own single-threaded process, this many at a "
                         "time, then print one table (default 0: one per CPU core; 1: everything in this process)")
     q = bsub.add_parser("fed", help="federated (one site per style, FedGIN) vs centralized U-Harmony on the generalize "
-                                    "benchmark's data and budget; bytes and round overhead of a real Flower run")
+                                    "benchmark's data and budget; bytes and round overhead of a real Flower run (~15 min "
+                                    "on 2 cores with --central-json)")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--rounds", type=int, default=None, help="federated rounds (default 12; quick 2); local steps "
                                                             "per round = steps / (3 sites x rounds)")
-    q.add_argument("--steps", type=int, default=None, help="the centralized budget (default 500; to reuse a generalize run's "
-                                                            "results, run that with --steps 500 too)")
+    q.add_argument("--steps", type=int, default=None,
+                   help="the centralized budget (default 1000, generalize's: --central-json then reuses a default "
+                        "`bench generalize` run)")
     q.add_argument("--cases", type=int, default=None, help="training cases per domain (default 12)")
     q.add_argument("--work", default=None, help="folder for the data and the models (generalize's --work to reuse "
                                                 "its data and centralized models)")
@@ -330,13 +332,14 @@ def _dispatch(args, reporter: Reporter) -> int:
         if args.bench_command == "fed":
             from uharmony.bench.fed import print_from_json as fed_from_json
             from uharmony.bench.fed import run_bench_fed
+            from uharmony.bench.generalize import DEFAULT_STEPS
 
             if args.from_json:
                 _results_json(args.from_json)
                 return fed_from_json(args.from_json)
             q = args.quick
             return run_bench_fed(work=args.work, seeds=tuple(args.seeds), quick=q, json_path=args.json,
-                                 rounds=args.rounds or (2 if q else 12), steps=args.steps or (6 if q else 500),
+                                 rounds=args.rounds or (2 if q else 12), steps=args.steps or (6 if q else DEFAULT_STEPS),
                                  train_cases=args.cases or (2 if q else 12), val_cases=1 if q else 3,
                                  central_json=args.central_json, workers=_workers(args.workers),
                                  arms=("central", "federated") if args.arm == "both" else (args.arm,),

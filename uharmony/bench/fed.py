@@ -483,7 +483,7 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
 # ------------------------------------------------------------------------------ the benchmark
 
 
-def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12, steps: int = 500,
+def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12, steps: int = G.DEFAULT_STEPS,
                   train_cases: int = 12, val_cases: int = 3, quick: bool = False, json_path: str | None = None,
                   central_json: str | None = None, flower_rounds: int = 2, flower_timeout: float = 600.0,
                   workers: int = 1, arms=("central", "federated"), gin=(False, True)) -> int:
