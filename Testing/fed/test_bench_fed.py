@@ -1,8 +1,9 @@
-"""`uharmony bench fed --quick`: the real command end to end on a tiny scale (about a minute).
+"""`uharmony bench fed --quick --workers 2`: the real command end to end on a tiny scale (~2.5 minutes).
 
 The centralized and federated models are really trained (a few steps), the federated arm runs the
 real ServerApp strategy and ClientApp in-process, and one round runs over a real SuperLink and three
-real SuperNodes on 127.0.0.1. The figures mean nothing at this scale; what is checked is the report's
+real SuperNodes on 127.0.0.1. Each (arm, GIN setting) runs as its own child process, as the
+benchmark does by default. The figures mean nothing at this scale; what is checked is the report's
 structure, the budget arithmetic, and that the bytes a site sends per round are exactly the sizes of
 the parameter arrays it owns (read back from the global model's safetensors file, not from the code
 that chose them), in-process and over real Flower alike.

@@ -91,14 +91,13 @@ def write_fed_config(folder: Path, cfg: dict):
     return load_fed_config(path)
 
 
-def encoder_ready(cfg_dict: dict, root: Path, log) -> None:
+def encoder_ready(settings: dict, log) -> None:
     """Pretrain the gate's contrast encoder for this gate shape now if it is not cached: otherwise every
     federated job of `arm_jobs` would pretrain the same one at once."""
     from uharmony.fed.server_app import contrast_encoder_file, uses_contrast_encoder
 
-    s = write_fed_config(root / "fed" / "encoder-check", cfg_dict).to_dict()
-    if uses_contrast_encoder(s):
-        log(f"gate contrast encoder: {contrast_encoder_file(s)}")
+    if uses_contrast_encoder(settings):
+        log(f"gate contrast encoder: {contrast_encoder_file(settings)}")
 
 
 def arm_jobs(root: Path, todo, *, steps: int, rounds: int, train_cases: int, quick: bool, parts: Path) -> list:
@@ -544,14 +543,22 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         log(f"seed {seed} {label:<16} " + " ".join(
             f"{d}={scores[d]['score']:.3f}" for d in (*SITES, UNSEEN) if d in scores and scores[d]["score"] is not None))
 
+    probe: dict = {}
+
+    def fed_settings() -> dict:
+        """The federation's settings as `uharmony fed` reads them (its architecture, its gate shape); written
+        by this process only when needed: jobs run in parallel must not write the same file."""
+        if not probe:
+            probe.update(write_fed_config(root / "fed" / "arch-check", fed_config(
+                base, classes=classes, rounds=rounds, local=local, seed=seeds[0], gin=True, pretrain=pretrain)).to_dict())
+        return probe
+
     # -- centralized arm: reused when it can be (it then needs both GIN settings of every seed)
     if central_json and "central" in arms:
         try:
             from uharmony.fed.server_app import arch_of
 
-            cfg = write_fed_config(root / "fed" / "arch-check", fed_config(
-                base, classes=classes, rounds=rounds, local=local, seed=seeds[0], gin=True, pretrain=pretrain))
-            arch = arch_of({**cfg.to_dict(), "out": str(root / "fed" / "arch-check")})
+            arch = arch_of({**fed_settings(), "out": str(root / "fed" / "arch-check")})
             for label, per in reuse_central(central_json, root, base, seeds, datalists, arch).items():
                 for seed, scores in per.items():
                     record(label, seed, scores)
@@ -564,8 +571,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         if val_cases != (1 if quick else 3):
             raise ValueError("with workers, the validation cases are the command line's (3, or 1 with quick)")
         if any(arm == "federated" for arm, _, _ in todo):  # pretrain the gate's encoder once, not in every job
-            encoder_ready(fed_config(base, classes=classes, rounds=rounds, local=local, seed=seeds[0], gin=True,
-                                     pretrain=pretrain), root, log)
+            encoder_ready(fed_settings(), log)
         parts = root / "fed" / "parts"
         jobs = arm_jobs(root, todo, steps=steps, rounds=rounds, train_cases=train_cases, quick=quick, parts=parts)
         for job in jobs:
