@@ -580,11 +580,10 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         from uharmony.bench.workers import run_jobs
 
         seconds = run_jobs(jobs, workers, parts, on_done=lambda name, sec: log(f"{name} done in {sec / 60:.1f} min"))
-        for job in jobs:
-            part = json.loads((parts / f"{job.name}.json").read_text())
-            for label, per in part["runs"].items():
-                for seed, scores in per.items():
-                    results.setdefault(label, {})[int(seed)] = scores
+        docs = [(str(parts / f"{job.name}.json"), json.loads((parts / f"{job.name}.json").read_text())) for job in jobs]
+        for label, per in G.merge_results(docs)["runs"].items():  # refuses another budget or a run twice
+            results[label] = {int(seed): scores for seed, scores in per.items()}
+        for _, part in docs:
             extra["fed_runs"].update(part["fed_runs"])
         extra["job_minutes"] = {k: round(v / 60, 1) for k, v in seconds.items()}
         extra["workers"] = workers
