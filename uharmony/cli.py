@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rounds of the real Flower run for bytes and overhead (default 2; quick 1; 0: none)")
     q.add_argument("--quick", action="store_true", help="tiny smoke run (about a minute; the figures mean nothing)")
     q.add_argument("--json", default=None)
-    q.add_argument("--from-json", default=None, help="only re-print the report of an earlier --json")
+    q.add_argument("--from-json", nargs="+", default=None,
+                   help="only re-print the report of earlier --json results; several files of the same budget and "
+                        "rounds (seeds, arms or GIN settings run as separate commands) print as one table")
     q.add_argument("--workers", type=int, default=0,
                    help="run each (arm, seed, GIN setting) in its own single-threaded process, this many at a time, "
                         "then the real Flower run alone (default 0: one per CPU core; 1: everything in this process)")
@@ -335,8 +337,10 @@ def _dispatch(args, reporter: Reporter) -> int:
             from uharmony.bench.generalize import DEFAULT_STEPS
 
             if args.from_json:
-                _results_json(args.from_json)
-                return fed_from_json(args.from_json)
+                try:
+                    return fed_from_json([(p, _results_json(p)) for p in args.from_json])
+                except ValueError as e:
+                    raise BadInputError(str(e)) from None
             q = args.quick
             return run_bench_fed(work=args.work, seeds=tuple(args.seeds), quick=q, json_path=args.json,
                                  rounds=args.rounds or (2 if q else 12), steps=args.steps or (6 if q else DEFAULT_STEPS),

@@ -171,6 +171,47 @@ def test_from_json_reprints_the_report(bench):
     assert done.stdout.strip() == bench["stdout"].strip()
 
 
+def _from_json(*paths) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--from-json", *map(str, paths)],
+                          capture_output=True, text=True, encoding="utf-8", timeout=120, check=False)
+
+
+def test_from_json_merges_files_of_separate_commands_into_one_table(bench):
+    """The four job files, each one arm and GIN setting, print the full run's Dice tables, ratios and
+    targets (only the real Flower run, which no job ran, is missing)."""
+    parts = bench["root"] / "work" / "fed" / "parts"
+    done = _from_json(*(parts / f"seed0-{j}.json" for j in ("federated+GIN", "central", "federated", "central+GIN")))
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def tables(out: str) -> list[str]:
+        lines = out.splitlines()
+        return lines[lines.index(next(x for x in lines if x.startswith("| arm |"))):
+                     lines.index(next(x for x in lines if x.startswith("gate accuracy")))]
+
+    assert tables(done.stdout) == tables(bench["stdout"])
+    full = bench["stdout"]
+    assert done.stdout[done.stdout.index("targets:"):].strip() == full[full.index("targets:"):].strip()
+    assert "real Flower run" not in done.stdout
+
+
+def test_from_json_refuses_another_budget_a_repeated_run_or_another_benchmark(bench, tmp_path):
+    parts = bench["root"] / "work" / "fed" / "parts"
+    central = json.loads((parts / "seed0-central.json").read_text(encoding="utf-8"))
+    other = tmp_path / "other-budget.json"
+    other.write_text(json.dumps({**central, "config": {**central["config"], "steps": 7}}), encoding="utf-8")
+    not_fed = tmp_path / "generalize.json"
+    not_fed.write_text(json.dumps({k: v for k, v in central.items() if k not in ("plan", "fed_runs")}),
+                       encoding="utf-8")
+    cases = {(parts / "seed0-federated.json", other): ("other-budget.json: another budget", "steps"),
+             (parts / "seed0-central.json", parts / "seed0-central.json"): ("seed0-central.json: run centralized", ""),
+             (not_fed,): ("generalize.json: not the --json results of `uharmony bench fed`", "")}
+    for paths, (message, detail) in cases.items():
+        done = _from_json(*paths)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        line = done.stderr.strip().splitlines()[-1]
+        assert message in line and detail in line, line
+
+
 def test_central_results_are_reused_only_when_they_are_the_same_runs(bench, tmp_path):
     """A generalize JSON with another budget is refused (the centralized arm is not silently mixed in)."""
     from uharmony.bench import generalize as G

@@ -765,6 +765,33 @@ def format_report(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def print_from_json(path: str) -> int:
-    print(format_report(json.loads(Path(path).read_text())))
+def merge_fed_results(docs: list[tuple[str, dict]]) -> dict:
+    """One results document from several `bench fed --json` files of the same budget and federated plan
+    (seeds, arms or GIN settings run as separate commands); ValueError naming the file that is not a
+    `bench fed` result, has another budget or plan, or repeats a run of another file."""
+    for path, r in docs:
+        if "plan" not in r or "fed_runs" not in r:
+            raise ValueError(f"{path}: not the --json results of `uharmony bench fed`")
+    first = docs[0][1]
+    for path, r in docs[1:]:
+        if r["plan"] != first["plan"]:
+            raise ValueError(f"{path}: another federated plan than the first file's (differs in "
+                             f"{G._differing(r['plan'], first['plan'])})")
+    merged = G.merge_results(docs)
+    fed_runs = {k: v for _, r in docs for k, v in r["fed_runs"].items()}
+    summary = G.summarise(merged["runs"])
+    sources = list(dict.fromkeys(r["central_source"] for _, r in docs if r.get("central_source")))
+    return {**first, "runs": merged["runs"], "seeds": merged["seeds"], "minutes": merged["minutes"],
+            "summary": summary, "ratios": ratios(summary), "targets": check_targets(summary),
+            "fed_runs": fed_runs, "bytes": bytes_summary(fed_runs), "central_source": "; ".join(sources) or None,
+            "flower": next((r["flower"] for _, r in docs if r.get("flower")), None),
+            "partial": any(r.get("partial") for _, r in docs), "quick": any(r.get("quick") for _, r in docs)}
+
+
+def print_from_json(docs: list[tuple[str, dict]]) -> int:
+    """Re-print the report of one or more (path, results) of --json (several: merged into one table)."""
+    doc = merge_fed_results(docs) if len(docs) > 1 else docs[0][1]
+    if len(docs) == 1 and "plan" not in doc:
+        raise ValueError(f"{docs[0][0]}: not the --json results of `uharmony bench fed`")
+    print(format_report(doc))
     return 0
