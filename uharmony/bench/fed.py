@@ -580,11 +580,11 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         from uharmony.bench.workers import run_jobs
 
         seconds = run_jobs(jobs, workers, parts, on_done=lambda name, sec: log(f"{name} done in {sec / 60:.1f} min"))
-        docs = [(str(parts / f"{job.name}.json"), json.loads((parts / f"{job.name}.json").read_text())) for job in jobs]
-        for label, per in G.merge_results(docs)["runs"].items():  # refuses another budget or a run twice
+        merged = merge_fed_results([(str(parts / f"{job.name}.json"), json.loads((parts / f"{job.name}.json").read_text()))
+                                    for job in jobs])  # refuses another budget or plan, or a run twice
+        for label, per in merged["runs"].items():
             results[label] = {int(seed): scores for seed, scores in per.items()}
-        for _, part in docs:
-            extra["fed_runs"].update(part["fed_runs"])
+        extra["fed_runs"].update(merged["fed_runs"])
         extra["job_minutes"] = {k: round(v / 60, 1) for k, v in seconds.items()}
         extra["workers"] = workers
         save(partial=True)
@@ -766,13 +766,15 @@ def format_report(doc: dict) -> str:
 
 
 def merge_fed_results(docs: list[tuple[str, dict]]) -> dict:
-    """One results document from several `bench fed --json` files of the same budget and federated plan
-    (seeds, arms or GIN settings run as separate commands); ValueError naming the file that is not a
-    `bench fed` result, has another budget or plan, or repeats a run of another file."""
+    """One results document from one or several `bench fed --json` files of the same budget and federated
+    plan (seeds, arms or GIN settings run as separate commands, or a run's job files); ValueError naming
+    the file that is not a `bench fed` result, has another budget or plan, or repeats a run of another file."""
     for path, r in docs:
         if "plan" not in r or "fed_runs" not in r:
             raise ValueError(f"{path}: not the --json results of `uharmony bench fed`")
     first = docs[0][1]
+    if len(docs) == 1:
+        return first
     for path, r in docs[1:]:
         if r["plan"] != first["plan"]:
             raise ValueError(f"{path}: another federated plan than the first file's (differs in "
@@ -790,8 +792,5 @@ def merge_fed_results(docs: list[tuple[str, dict]]) -> dict:
 
 def print_from_json(docs: list[tuple[str, dict]]) -> int:
     """Re-print the report of one or more (path, results) of --json (several: merged into one table)."""
-    doc = merge_fed_results(docs) if len(docs) > 1 else docs[0][1]
-    if len(docs) == 1 and "plan" not in doc:
-        raise ValueError(f"{docs[0][0]}: not the --json results of `uharmony bench fed`")
-    print(format_report(doc))
+    print(format_report(merge_fed_results(docs)))
     return 0
