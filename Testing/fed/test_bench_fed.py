@@ -163,17 +163,15 @@ def test_real_flower_round_bytes_and_overhead(bench):
     assert "real Flower run" in bench["stdout"]
 
 
-def test_from_json_reprints_the_report(bench):
-    done = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--from-json",
-                           str(bench["root"] / "r.json")], capture_output=True, text=True, encoding="utf-8", timeout=120,
-                          check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == bench["stdout"].strip()
-
-
 def _from_json(*paths) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--from-json", *map(str, paths)],
                           capture_output=True, text=True, encoding="utf-8", timeout=120, check=False)
+
+
+def test_from_json_reprints_the_report(bench):
+    done = _from_json(bench["root"] / "r.json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == bench["stdout"].strip()
 
 
 def test_from_json_merges_files_of_separate_commands_into_one_table(bench):

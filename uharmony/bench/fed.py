@@ -580,8 +580,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         from uharmony.bench.workers import run_jobs
 
         seconds = run_jobs(jobs, workers, parts, on_done=lambda name, sec: log(f"{name} done in {sec / 60:.1f} min"))
-        merged = merge_fed_results([(str(parts / f"{job.name}.json"), json.loads((parts / f"{job.name}.json").read_text()))
-                                    for job in jobs])  # refuses another budget or plan, or a run twice
+        files = [parts / f"{job.name}.json" for job in jobs]
+        merged = merge_fed_results([(str(f), json.loads(f.read_text())) for f in files])  # refuses another plan, a run twice
         for label, per in merged["runs"].items():
             results[label] = {int(seed): scores for seed, scores in per.items()}
         extra["fed_runs"].update(merged["fed_runs"])
