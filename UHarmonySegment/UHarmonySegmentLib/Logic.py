@@ -53,12 +53,12 @@ class SegmentError(RuntimeError):
 
 
 @dataclass
-class SegmentResult:
+class TaskResult:
+    """How a library process ended; the Train module's jobs extend it too."""
+
     status: str  # "success" | "failed" | "cancelled"
     message: str = ""
     exit_code: int | None = None
-    segmentation_node: Any = None
-    report: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -68,6 +68,12 @@ class SegmentResult:
     @property
     def cancelled(self) -> bool:
         return self.status == "cancelled"
+
+
+@dataclass
+class SegmentResult(TaskResult):
+    segmentation_node: Any = None
+    report: dict | None = None
 
 
 class SegmentTask:
@@ -290,8 +296,9 @@ class SegmentLogic:
             report = self.parser.last_result.get("report")
         report = report or {}
         node, warnings = self._import(output, report)
-        return SegmentResult("success", "Segmentation finished.", exit_code, node, report,
-                             list(self._pending.get("export_notes", [])) + warnings)
+        return SegmentResult("success", "Segmentation finished.", exit_code,
+                             list(self._pending.get("export_notes", [])) + warnings,
+                             segmentation_node=node, report=report)
 
     def _with_volume_names(self, message: str) -> str:
         """The library names the temporary files; the user knows the volumes: say those."""

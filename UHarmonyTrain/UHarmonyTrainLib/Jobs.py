@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from UHarmonySegmentLib.JsonLines import ProgressParser
@@ -24,7 +23,7 @@ from UHarmonySegmentLib.Library import (
     find_library_root,
     process_environment,
 )
-from UHarmonySegmentLib.Logic import SegmentTask
+from UHarmonySegmentLib.Logic import SegmentTask, TaskResult
 from UHarmonySegmentLib.ProcessRunner import ProcessRunner
 from UHarmonySegmentLib.Signal import Signal
 from UHarmonySegmentLib.TempFolders import make_private_dir, remove_tree
@@ -32,20 +31,7 @@ from UHarmonySegmentLib.TempFolders import make_private_dir, remove_tree
 LOG = logging.getLogger("UHarmony")
 
 
-@dataclass
-class JobResult:
-    status: str  # "success" | "failed" | "cancelled"
-    message: str = ""
-    exit_code: int | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status == "success"
-
-    @property
-    def cancelled(self) -> bool:
-        return self.status == "cancelled"
+JobResult = TaskResult  # a Train job's result: AdaptResult and JoinResult add their outputs
 
 
 class JobTask(SegmentTask):
