@@ -778,7 +778,7 @@ def merge_fed_results(docs: list[tuple[str, dict]]) -> dict:
     for path, r in docs[1:]:
         if r["plan"] != first["plan"]:
             raise ValueError(f"{path}: another federated plan than the first file's (differs in "
-                             f"{G._differing(r['plan'], first['plan'])})")
+                             f"{G.differing(r['plan'], first['plan'])})")
     merged = G.merge_results(docs)
     fed_runs = {k: v for _, r in docs for k, v in r["fed_runs"].items()}
     summary = G.summarise(merged["runs"])

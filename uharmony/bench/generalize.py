@@ -389,7 +389,7 @@ def effective_model(base: dict) -> dict:
     return {**dataclasses.asdict(ModelConfig()), **base.get("model", {})}
 
 
-def _differing(a: dict, b: dict) -> str:
+def differing(a: dict, b: dict) -> str:
     return ", ".join(sorted(k for k in {*a, *b} if a.get(k) != b.get(k)))
 
 
@@ -402,10 +402,10 @@ def merge_results(docs: list[tuple[str, dict]]) -> dict:
             merged = {"config": r["config"], "model": r.get("model"), "runs": {}, "seeds": [], "minutes": 0.0}
         elif r["config"] != merged["config"]:
             raise ValueError(f"{path}: another budget than the first file's (differs in "
-                             f"{_differing(r['config'], merged['config'])})")
+                             f"{differing(r['config'], merged['config'])})")
         elif r.get("model") != merged["model"]:  # None: a file written before the key was recorded
             raise ValueError(f"{path}: models of another model config than the first file's (differs in "
-                             f"{_differing(r.get('model') or {}, merged['model'] or {})})")
+                             f"{differing(r.get('model') or {}, merged['model'] or {})})")
         for label, per in r["runs"].items():
             for seed, scores in per.items():
                 if str(seed) in merged["runs"].setdefault(label, {}):
