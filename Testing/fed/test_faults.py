@@ -64,7 +64,9 @@ def test_a_restarted_coordinator_continues_from_the_last_global_model(faults):
     procs = faults["procs"]
     assert faults["code"] == 0, procs.err("serve2")[-3000:]
     log = read_rounds(faults["out"])
-    why = f"round log {log}\nserve2 events {procs.out('serve2')[-3000:]}\nserve2 err {procs.err('serve2')[-3000:]}"
+    why = (f"round log {log}\nserve2 events {procs.out('serve2')[-3000:]}\nserve2 err {procs.err('serve2')[-3000:]}"
+           + "".join(f"\n{site} events {procs.out(site)[-1500:]}\n{site} err {_flower_lines(procs.err(site))[-3000:]}"
+                     for site in ("site-a", "site-b")))
     assert [e["round"] for e in log] == [1, 2], why
     second = log[1]
     assert second["run_round"] == 1, why  # a new Flower run ...
@@ -79,3 +81,8 @@ def test_a_restarted_coordinator_continues_from_the_last_global_model(faults):
     card = json.loads((faults["out"] / "global-model" / "card.json").read_text())
     lda = card["gate"]["lda"]["domains"]
     assert {d: v["count"] for d, v in lda.items()} == second["gate"]["fitted_on"], why
+
+
+def _flower_lines(text: str) -> str:
+    """A site's log without the SuperNode's per-request access lines."""
+    return "\n".join(x for x in text.splitlines() if "uvicorn.access" not in x and "HTTP/1.1" not in x)

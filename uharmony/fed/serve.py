@@ -156,6 +156,8 @@ def run_serve(config_path: str, reporter: Reporter | None = None) -> int:
             time.sleep(0.3)
         log(f"SuperLink up on {cfg.address} ({'INSECURE, loopback only' if cfg.insecure else 'TLS + site keys'}); "
             f"{'continuing after round ' + str(done) if done else 'starting a new federation'}")
+        if done:
+            stop_stale_runs(home, log)
         app_dir = flower.write_app_dir(out / "app")
         settings = {**cfg.to_dict(), "out": str(out), "start_round": done + 1, "history": history,
                     "resume_from": str(out / GLOBAL) if done else None, "gate_encoder": encoder,
@@ -238,6 +240,27 @@ def why_waiting(out: Path) -> str:
         return (f"round {s['round']} was waiting for sites: {s['connected']} connected, {s['needed']} needed "
                 f"(min_sites)")
     return f"round {s.get('round')} was {s.get('state')}"
+
+
+def stop_stale_runs(home: Path, log) -> list[int]:
+    """Stop the runs a killed coordinator left unfinished in the SuperLink's database.
+
+    Until the SuperLink notices the dead ServerApp (a heartbeat timeout), it still hands out that run's
+    pending messages; a site that takes one trains for nothing, one message at a time, before it takes
+    the new run's."""
+    try:
+        runs = flower.flwr_cli(["ls", "uharmony"], home, timeout=30).get("runs") or []
+    except FederationError as e:
+        log(f"could not list the earlier runs: {e}")
+        return []
+    stale = [int(r["run-id"]) for r in runs if not str(r.get("status", "")).startswith("finished")]
+    for run_id in stale:
+        try:
+            flower.flwr_cli(["stop", str(run_id), "uharmony"], home, timeout=30, check_json=False)
+            log(f"stopped run {run_id}, left unfinished by the previous coordinator")
+        except FederationError as e:
+            log(f"could not stop the earlier run {run_id}: {e}")
+    return stale
 
 
 def run_status(home: Path, run_id: int) -> str:

@@ -161,7 +161,7 @@ def run_task(address: str, token: str, settings_path: Path) -> int:
                                RuntimeTokenHttpInterceptor(token)])
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
-    context = None
+    message = context = reply = None
     status, details, code = SubStatus.FAILED, "ClientApp task failed", 1
     try:
         message, context, run, fab = pull_task_input(client)
@@ -181,14 +181,26 @@ def run_task(address: str, token: str, settings_path: Path) -> int:
 
             reply = app(message=message, context=context)
             status, details, code = SubStatus.COMPLETED, "", 0
-        push_message(client, reply, context)
-    except Exception as e:  # noqa: BLE001 - reported to the SuperNode; the traceback goes to the site's log
+    except Exception as e:  # noqa: BLE001 - reported to the server; the traceback goes to the site's log
         import traceback
 
         traceback.print_exc()
-        details = f"{type(e).__name__}: {e}"
+        details = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+        # The SuperNode handles one message at a time and waits for its reply: without this error reply it
+        # would never pull another message, and the site would be silent for the rest of the federation.
+        # Only the exception's type leaves the site: its text may name the site's files.
+        reason = f"the site's ClientApp failed ({type(e).__name__}); the details are in the site's log"
+        reply = (Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+                 if message is not None else None)
     finally:
         heartbeat.stop()
+        if reply is not None and context is not None:
+            try:
+                push_message(client, reply, context)
+            except Exception as e:  # noqa: BLE001 - the task's status below still tells the SuperNode
+                print(f"uharmony site: could not return the reply: {type(e).__name__}: {e}", file=sys.stderr,
+                      flush=True)
+                status, details, code = SubStatus.FAILED, f"{type(e).__name__}: {e}", 1
         push_task_output(client=client, context=context, sub_status=status, details=details)
         client.close()
     return code
