@@ -76,6 +76,21 @@ class SegmentResult(TaskResult):
     report: dict | None = None
 
 
+def finish_task(task, result: TaskResult, finished, callback=None) -> None:
+    """End a library process's run (Segment's and Train's): delete its private temporary folder (a
+    failure is a warning on the result: the folder may hold patient data), store the result on the task,
+    log it, emit the logic's ``finished`` signal, then call the run's own ``finished`` callback."""
+    if task is not None and task.temp_dir and not remove_tree(task.temp_dir):
+        result.warnings.append(f"could not delete the temporary folder {task.temp_dir}")
+        LOG.error("UHarmony: could not delete the temporary folder %s (it may hold patient data)", task.temp_dir)
+    if task is not None:
+        task.result = result
+    (LOG.info if result.succeeded else LOG.warning)("UHarmony: %s", result.message)
+    finished.emit(result)
+    if callback:
+        callback(result)
+
+
 class SegmentTask:
     """One run: `cancel()` it, `wait()` for it; `result` is set once it has finished."""
 
@@ -310,19 +325,9 @@ class SegmentLogic:
         return message
 
     def _finish(self, result: SegmentResult) -> None:
-        task = self._task
-        if task is not None and task.temp_dir and not remove_tree(task.temp_dir):
-            result.warnings.append(f"could not delete the temporary folder {task.temp_dir}")
-            LOG.error("UHarmony: could not delete the temporary folder %s (it may hold patient data)", task.temp_dir)
-        if task is not None:
-            task.result = result
         self._pending = {}
-        callback = self._callbacks.get("finished")
-        self._callbacks = {}
-        (LOG.info if result.succeeded else LOG.warning)("UHarmony: %s", result.message)
-        self.finished.emit(result)
-        if callback:
-            callback(result)
+        callbacks, self._callbacks = self._callbacks, {}
+        finish_task(self._task, result, self.finished, callbacks.get("finished"))
 
     # -- import ---------------------------------------------------------------------------------
     def _class_table(self, report: dict) -> dict[int, dict]:

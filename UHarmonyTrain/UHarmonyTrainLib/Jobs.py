@@ -23,10 +23,10 @@ from UHarmonySegmentLib.Library import (
     find_library_root,
     process_environment,
 )
-from UHarmonySegmentLib.Logic import SegmentTask, TaskResult
+from UHarmonySegmentLib.Logic import SegmentTask, TaskResult, finish_task
 from UHarmonySegmentLib.ProcessRunner import ProcessRunner
 from UHarmonySegmentLib.Signal import Signal
-from UHarmonySegmentLib.TempFolders import make_private_dir, remove_tree
+from UHarmonySegmentLib.TempFolders import make_private_dir
 
 LOG = logging.getLogger("UHarmony")
 
@@ -134,19 +134,9 @@ class JobLogic:
         return (self._task is not None and self._task.cancel_requested) or exit_code == EXIT_CANCELLED
 
     def _finish(self, result: JobResult) -> None:
-        task = self._task
-        if task is not None and task.temp_dir and not remove_tree(task.temp_dir):
-            result.warnings.append(f"could not delete the temporary folder {task.temp_dir}")
-            LOG.error("UHarmony: could not delete the temporary folder %s (it may hold patient data)", task.temp_dir)
-        if task is not None:
-            task.result = result
-        callback = self._callbacks.get("finished")
-        self._callbacks = {}
+        callbacks, self._callbacks = self._callbacks, {}
         self._on_exit = None
-        (LOG.info if result.succeeded else LOG.warning)("UHarmony: %s", result.message)
-        self.finished.emit(result)
-        if callback:
-            callback(result)
+        finish_task(self._task, result, self.finished, callbacks.get("finished"))
 
     def _callback(self, name: str, *args) -> None:
         callback = self._callbacks.get(name)
