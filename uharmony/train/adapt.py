@@ -40,7 +40,6 @@ from uharmony.model.network import UHarmonyNet
 from uharmony.model.package import load_model, save_package
 from uharmony.model.registry import resolve_model
 from uharmony.progress import Reporter
-from uharmony.train.checkpoint import load_checkpoint
 from uharmony.train.config import config_hash, load_config, resolved_domain_lr_scale
 from uharmony.train.data import BalancedSampler, Prepared, domain_sampler, load_datasets
 from uharmony.train.trainer import (
@@ -54,10 +53,10 @@ from uharmony.train.trainer import (
     evaluate,
     format_table,
     hardware,
-    make_optimizer,
     prepare_items,
     prepare_output,
     run_steps,
+    start_optimizer,
 )
 from uharmony.device import choose_device
 
@@ -174,12 +173,8 @@ def run_adapt(model_spec: str, data: list[str], keep: list[str], out: str, confi
 
     items = new_items + keep_items
     domains_trained = len(set(route.values()))
-    optimizer = make_optimizer(model, cfg, domains_trained)
-    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp and dev.type == "cuda")
-    start = 0
-    if resume:
-        start = load_checkpoint(step_dir, ck_state, model=model, optimizer=optimizer, scaler=scaler)
-        reporter.log(f"resuming from step {start} of {cfg.steps} ({step_dir})")
+    optimizer, scaler, start = start_optimizer(model, cfg, domains_trained, dev,
+                                               (step_dir, ck_state) if resume else None, reporter)
     n_new = len(new_items)
     groups = [{d: [i for i in range(n_new) if items[i].domain == d] for d in data_domains},
               {d: [i for i in range(n_new, len(items)) if items[i].domain == d] for d in data_domains}]

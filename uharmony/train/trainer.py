@@ -95,6 +95,20 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, domains_trained:
                              lr=config.lr)
 
 
+def start_optimizer(model: torch.nn.Module, config: TrainConfig, domains_trained: int, device: torch.device,
+                    checkpoint: tuple[Path, dict] | None, reporter: Reporter):
+    """The optimiser and AMP grad scaler, restored with the model from ``checkpoint`` (the step folder and
+    its state, from `check_resume`) when resuming: (optimizer, scaler, first step)."""
+    optimizer = make_optimizer(model, config, domains_trained)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+    start = 0
+    if checkpoint is not None:
+        step_dir, ck_state = checkpoint
+        start = load_checkpoint(step_dir, ck_state, model=model, optimizer=optimizer, scaler=scaler)
+        reporter.log(f"resuming from step {start} of {config.steps} ({step_dir})")
+    return optimizer, scaler, start
+
+
 def train_step(state: LoopState, step: int, optimizer, scaler, loss_fn: MarginalDiceCELoss) -> dict:
     """One optimiser step; all its randomness comes from (seed, step)."""
     from uharmony.augment.gin import GIN, IPA, consistency_kl
@@ -493,12 +507,8 @@ def train_package(datasets: list[Dataset], out: Path, cfg: TrainConfig, *, ckpt:
         reporter.log(f"the gate routes by LDA on its contrast encoder's features (shrinkage "
                      f"{gate_record['lda']['shrinkage']:.3f})")
     domains_trained = len(set(route.values()))  # 1 for joint: one route for every domain
-    optimizer = make_optimizer(model, cfg, domains_trained)
-    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp and dev.type == "cuda")
-    start = 0
-    if resume:
-        start = load_checkpoint(step_dir, ck_state, model=model, optimizer=optimizer, scaler=scaler)
-        reporter.log(f"resuming from step {start} of {cfg.steps} ({step_dir})")
+    optimizer, scaler, start = start_optimizer(model, cfg, domains_trained, dev,
+                                               (step_dir, ck_state) if resume else None, reporter)
 
     groups = [{d: [i for i, it in enumerate(items) if it.domain == d]} for d in data_domains]
     state = LoopState(model=model, config=cfg, items=items, sampler=BalancedSampler(groups), route=route, device=dev,
