@@ -65,5 +65,8 @@ def test_the_failing_site_names_its_file_locally_only_and_stays_joined(broken_si
     procs, image = broken_site["procs"], broken_site["image"]
     log_text = (broken_site["out"] / "rounds.jsonl").read_text(encoding="utf-8")
     assert image.name not in log_text and "t2-broken" not in log_text
-    assert f"{image}: is truncated or corrupt" in procs.err("site-b")
+    # the site's own log (what `fed join` prints, and the Slicer module shows) says which file, per round
+    failed = [e["message"] for e in procs.events("site-b") if "failed here" in e.get("message", "")]
+    assert [m.split(" (")[0] for m in failed] == ["round 1", "round 2"], procs.out("site-b")
+    assert all(f"BadInputError: {image}: is truncated or corrupt" in m for m in failed), failed
     assert procs.procs["site-b"].poll() is None  # still in the federation after two failed rounds

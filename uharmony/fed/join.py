@@ -192,7 +192,11 @@ def _relay(events: Tail, refusals: Tail, reporter: Reporter, log, last_loss: dic
             e = json.loads(line)
         except ValueError:
             continue
-        if e.get("phase") == "train":
+        if e.get("phase") == "failed":
+            where = f"round {e['round']}" if e.get("round") is not None else "a task"
+            log(f"{where} ({e.get('message_type') or 'message'}) failed here: {e.get('error')}; the coordinator was "
+                "told the exception's type only; the site stays joined")
+        elif e.get("phase") == "train":
             last_loss[e["round"]] = e.get("loss")
             log(f"round {e['round']}/{e['total']}: trained locally ({e.get('seconds')} s, loss {e.get('loss'):.4f})")
         elif e.get("phase") == "evaluate":

@@ -140,6 +140,14 @@ def _append_jsonl(path: str | None, entry: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _round_of(message) -> int | None:
+    """The federated round a message belongs to, if it says (our ServerApp's ``config["global-round"]``)."""
+    try:
+        return int(message.content["config"]["global-round"])
+    except Exception:  # noqa: BLE001 - no message, another server's message: the round is unknown
+        return None
+
+
 def run_task(address: str, token: str, settings_path: Path) -> int:
     """Run one task: refuse an unapproved FAB, else the installed uharmony ClientApp. Returns an exit code."""
     from flwr.app import Message
@@ -190,6 +198,9 @@ def run_task(address: str, token: str, settings_path: Path) -> int:
         # would never pull another message, and the site would be silent for the rest of the federation.
         # Only the exception's type leaves the site: its text may name the site's files.
         reason = f"the site's ClientApp failed ({type(e).__name__}); the details are in the site's log"
+        _append_jsonl(settings.get("events"), {"phase": "failed", "round": _round_of(message),
+                                               "message_type": getattr(getattr(message, "metadata", None),
+                                                                       "message_type", None), "error": details})
         reply = (Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
                  if message is not None else None)
     finally:
