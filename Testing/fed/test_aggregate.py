@@ -98,6 +98,22 @@ def test_a_negative_domain_lr_scale_is_refused_with_its_key(tmp_path):
     assert e.value.code == 2 and "train.domain_lr_scale" in e.value.message
 
 
+@pytest.mark.parametrize("section, line, key", [
+    ("gate", "filters = [4, 0]", "gate.filters"),  # was accepted by fed.toml, refused by the training config
+    ("gate", "input_size = [8, 8]", "gate.input_size"),
+    ("train", "patch_size = [16, 16, 18]", "train.patch_size"),
+    ("model", "strides = [1, 2, 3, 2]", "model.strides"),
+])
+def test_network_shape_keys_are_checked_as_in_the_training_config(tmp_path, section, line, key):
+    from uharmony.errors import UHarmonyError
+    from uharmony.fed.config import load_fed_config
+
+    (tmp_path / "fed.toml").write_text(f'domains = ["a", "b"]\n[{section}]\n{line}\n')
+    with pytest.raises(UHarmonyError) as e:
+        load_fed_config(tmp_path / "fed.toml")
+    assert e.value.code == 2 and repr(key) in e.value.message, e.value.message
+
+
 @pytest.mark.parametrize("key, fed_key", [("method", "gate_method"), ("pretrain_steps", "gate_pretrain_steps")])
 def test_training_gate_keys_in_fed_toml_name_the_federation_key(tmp_path, key, fed_key):
     from uharmony.errors import UHarmonyError

@@ -21,7 +21,7 @@ from uharmony.train.config import (
     doc_rows,
     read_config_values,
     resolved_domain_lr_scale,
-    validate_model,
+    validate_network,
 )
 
 GATE_FEATURES = ("contrast", "random")
@@ -143,18 +143,8 @@ def _validate(c: FedConfig, where) -> None:
     need(t.weight_decay >= 0 and t.poly_weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.seed >= 0, "train.seed", "must be >= 0")
     need(0 <= t.gin_p <= 1, "train.gin_p", "must be in [0, 1]")
-    need(c.gate.weight >= 0, "gate.weight", "must be >= 0")
     need(t.eval_cases >= 1, "train.eval_cases", "must be >= 1")
-    m = c.model
-    validate_model(m, need)
-    factor = 1
-    for s in m.strides:
-        factor *= s
-    need(all(p % factor == 0 for p in t.patch_size), "train.patch_size",
-         f"must be divisible by the network's total stride {factor}")
-    need(len(c.gate.input_size) == 3 and all(s >= 4 for s in c.gate.input_size), "gate.input_size",
-         "must be 3 sizes >= 4")
-    need(len(c.gate.filters) >= 2, "gate.filters", "must be >= 2 channel counts")
+    validate_network(c.model, c.gate, t.patch_size, "train.patch_size", need)
 
 
 def site_domain_lr_scale(settings: dict) -> float:

@@ -175,6 +175,21 @@ def validate_model(m: ModelConfig, need) -> None:
     need(0 < m.poly_scale <= 1, "model.poly_scale", "must be in (0, 1]")
 
 
+def validate_network(m: ModelConfig, gate: GateConfig, patch_size, patch_key: str, need) -> None:
+    """`validate_model`, the patch size against the network's total stride, and the ``[gate]`` shape;
+    shared by training and federation configs (the patch size is ``patch_key`` in each)."""
+    validate_model(m, need)
+    factor = 1
+    for s in m.strides:
+        factor *= s
+    need(all(p % factor == 0 for p in patch_size), patch_key, f"must be divisible by the network's total stride {factor}")
+    need(len(gate.input_size) == 3 and all(s >= 4 for s in gate.input_size), "gate.input_size",
+         "must be 3 sizes >= 4")
+    need(len(gate.filters) >= 2 and all(f >= 1 for f in gate.filters), "gate.filters",
+         "must be >= 2 positive channel counts")
+    need(gate.weight >= 0, "gate.weight", "must be >= 0")
+
+
 def _validate(c: TrainConfig, where) -> None:
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
@@ -201,18 +216,7 @@ def _validate(c: TrainConfig, where) -> None:
     need(len(c.augment.gin_kernel_sizes) >= 1 and all(isinstance(k, int) and k >= 1 and k % 2 == 1
                                                       for k in c.augment.gin_kernel_sizes),
          "augment.gin_kernel_sizes", "must be a list of odd positive kernel sizes, such as [1, 3] or [1]")
-    m = c.model
-    validate_model(m, need)
-    factor = 1
-    for s in m.strides:
-        factor *= s
-    need(all(p % factor == 0 for p in c.patch_size), "patch_size",
-         f"must be divisible by the network's total stride {factor}")
-    need(len(c.gate.input_size) == 3 and all(s >= 4 for s in c.gate.input_size), "gate.input_size",
-         "must be 3 sizes >= 4")
-    need(len(c.gate.filters) >= 2 and all(f >= 1 for f in c.gate.filters), "gate.filters",
-         "must be >= 2 positive channel counts")
-    need(c.gate.weight >= 0, "gate.weight", "must be >= 0")
+    validate_network(c.model, c.gate, c.patch_size, "patch_size", need)
     need(c.gate.batch_size >= 1, "gate.batch_size", "must be >= 1")
     need(0 <= c.gate.framing < 0.5, "gate.framing", "must be in [0, 0.5)")
     need(c.gate.method in GATE_METHODS, "gate.method", f"must be one of {', '.join(GATE_METHODS)}")
