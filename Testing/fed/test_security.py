@@ -197,3 +197,51 @@ def test_bad_fed_toml_key_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("no-ca", "CA certificate file does not exist"),
+    ("ca-not-pem", "is not a PEM CA certificate"),
+    ("no-key", "private key file does not exist"),
+    ("key-not-a-key", "is not an unencrypted OpenSSH private key (make one with `uharmony fed keys site`)"),
+    ("key-readable", "private key is readable by other users (chmod 600 it)"),
+])
+def test_join_refuses_a_bad_ca_or_key_with_one_line_naming_the_file(fed_data, tmp_path, case, problem):
+    ca, key = str(fed_data["ca"]), tmp_path / "site-key"
+    key.write_bytes(fed_data["keys"]["site-a"].read_bytes())
+    key.chmod(0o600)
+    named = key
+    if case == "no-ca":
+        ca = named = tmp_path / "missing-ca.crt"
+    elif case == "ca-not-pem":
+        named = tmp_path / "ca.crt"
+        named.write_text("not a certificate\n")
+        ca = named
+    elif case == "no-key":
+        key.unlink()
+    elif case == "key-not-a-key":
+        key.write_text("not a key\n")
+    elif case == "key-readable":
+        key.chmod(0o644)
+    before = key.read_bytes() if key.exists() else None
+    p = subprocess.run([*UHARMONY, "fed", "join", "--server", "127.0.0.1:9", "--data", str(fed_data["data"]["site-a"]),
+                        "--ca", str(ca), "--key", str(key), "--progress", "none"], env=env(), capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == f"uharmony: error: {named}: {problem}"
+    assert (key.read_bytes() if key.exists() else None) == before  # the input untouched
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "public key file does not exist"),
+    ("ssh-rsa AAAA not-a-key\n", "is not an OpenSSH public key (make one with `uharmony fed keys site`)"),
+])
+def test_register_refuses_a_missing_or_bad_public_key(fed_data, tmp_path, content, problem):
+    config, _ = write_config(tmp_path, fed_data)
+    pub = tmp_path / "site.pub"
+    if content is not None:
+        pub.write_text(content)
+    p = subprocess.run([*UHARMONY, "fed", "register", str(pub), "--config", str(config)], env=env(),
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == f"uharmony: error: {pub}: {problem}"

@@ -134,18 +134,23 @@ def make_site_key(name: str, out: str | os.PathLike, *, overwrite: bool = False)
     return private, public, line
 
 
+def _read_key_file(p: Path, what: str) -> bytes:
+    """The bytes of a key or certificate file, or a one-line usage error naming it."""
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise UHarmonyError(f"{what} file does not exist", p, code=ExitCode.USAGE) from None
+    except OSError as e:
+        raise UHarmonyError(f"cannot be read ({e.strerror or e})", p, code=ExitCode.USAGE) from None
+
+
 def check_public_key(path: str | os.PathLike) -> str:
     """Read a site's public key file; returns its one line, or a one-line error naming the file."""
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise UHarmonyError("public key file does not exist", p, code=ExitCode.USAGE) from None
-    except OSError as e:
-        raise UHarmonyError(f"cannot be read ({e.strerror or e})", p, code=ExitCode.USAGE) from None
+    data = _read_key_file(p, "public key")
     try:
         key = load_ssh_public_key(data.strip())
     except (ValueError, TypeError, UnicodeError):
@@ -163,12 +168,7 @@ def check_private_key(path: str | os.PathLike) -> None:
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise UHarmonyError("private key file does not exist", p, code=ExitCode.USAGE) from None
-    except OSError as e:
-        raise UHarmonyError(f"cannot be read ({e.strerror or e})", p, code=ExitCode.USAGE) from None
+    data = _read_key_file(p, "private key")
     try:
         key = load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnicodeError):
@@ -185,10 +185,6 @@ def check_certificate(path: str | os.PathLike, what: str = "certificate") -> Non
 
     p = Path(path)
     try:
-        x509.load_pem_x509_certificate(p.read_bytes())
-    except FileNotFoundError:
-        raise UHarmonyError(f"{what} file does not exist", p, code=ExitCode.USAGE) from None
-    except OSError as e:
-        raise UHarmonyError(f"cannot be read ({e.strerror or e})", p, code=ExitCode.USAGE) from None
+        x509.load_pem_x509_certificate(_read_key_file(p, what))
     except ValueError:
         raise UHarmonyError(f"is not a PEM {what}", p, code=ExitCode.USAGE) from None
