@@ -156,8 +156,7 @@ def run_serve(config_path: str, reporter: Reporter | None = None) -> int:
             time.sleep(0.3)
         log(f"SuperLink up on {cfg.address} ({'INSECURE, loopback only' if cfg.insecure else 'TLS + site keys'}); "
             f"{'continuing after round ' + str(done) if done else 'starting a new federation'}")
-        if done:
-            stop_stale_runs(home, log)
+        stop_stale_runs(home, log)  # a coordinator killed in round 1 leaves one too
         app_dir = flower.write_app_dir(out / "app")
         settings = {**cfg.to_dict(), "out": str(out), "start_round": done + 1, "history": history,
                     "resume_from": str(out / GLOBAL) if done else None, "gate_encoder": encoder,
