@@ -1,4 +1,4 @@
-"""A site whose ClientApp fails (here: a training image truncated after the site joined) answers every
+"""A site whose ClientApp fails (here: a truncated training image, whose header still reads) answers every
 round with an error at once, stays in the federation, and sends no file name.
 
 Flower's SuperNode handles one message at a time and waits for its reply; a ClientApp failure without an
@@ -33,12 +33,11 @@ def broken_site(fed_data, tmp_path_factory):
         wait_for(lambda: any(e.get("message", "").startswith("run ") for e in procs.events("serve")), 90,
                  "the coordinator's run", procs)
         register(config, data, ["site-a", "site-b"])
-        procs.start("site-a", join_args(data, "site-a", port))
-        procs.start("site-b", join_args(data, "site-b", port))
-        wait_for(lambda: "connected to the coordinator" in procs.out("site-b"), 120, "site B to connect", procs)
-        # The header still reads (join's datalist check passes); the voxel data ends halfway.
+        # The header still reads, so join's datalist check passes; the voxel data ends halfway.
         raw = image.read_bytes()
         image.write_bytes(raw[: len(raw) // 2])
+        procs.start("site-a", join_args(data, "site-a", port))
+        procs.start("site-b", join_args(data, "site-b", port))
         code = procs.wait("serve", 360)
         yield {"out": root / "federation", "procs": procs, "code": code, "image": image}
     finally:
@@ -48,6 +47,7 @@ def broken_site(fed_data, tmp_path_factory):
 def test_each_round_gets_the_sites_error_at_once_and_goes_on_with_the_others(broken_site):
     procs = broken_site["procs"]
     assert broken_site["code"] == 0, procs.err("serve")[-3000:]
+    assert "connected to the coordinator" in procs.out("site-b")  # join accepted the datalist
     log = read_rounds(broken_site["out"])
     why = f"rounds {log}\nsite-b err {procs.err('site-b')[-3000:]}"
     assert [e["round"] for e in log] == [1, 2], why
