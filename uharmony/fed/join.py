@@ -88,6 +88,7 @@ def run_join(server: str, data: str, ca: str | None, key: str | None, *, insecur
     from uharmony.train.data import load_datasets
 
     ds = load_datasets([data])[0]  # a bad datalist ends here (exit 5), before anything starts
+    check_images_read(ds, reporter)  # so does an image whose header reads but whose voxels do not
     choose_device(device)  # --device cuda without a GPU: exit 2 now
     state = Path(tempfile.mkdtemp(prefix="uharmony-site-"))
     os.chmod(state, 0o700)
@@ -95,6 +96,29 @@ def run_join(server: str, data: str, ca: str | None, key: str | None, *, insecur
         return _supervise(server, Path(data).resolve(), ca, key, insecure, device, reporter, state, ds.domain)
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+def check_images_read(ds, reporter: Reporter) -> None:
+    """Read every image of the site's datalist once, voxels and all: the datalist check reads headers
+    only, and a site that joined with a truncated image would fail every round. All problems at once
+    (exit 5); nothing has started yet."""
+    from uharmony.data.io import read_volume
+    from uharmony.errors import BadDatalistError, BadInputError
+
+    paths = [p for case in ds.training + ds.validation for p in case.image]
+    problems = []
+    for i, path in enumerate(paths):
+        reporter.progress("checking the site's images", i, len(paths))
+        try:
+            read_volume(path)
+        except BadInputError as e:
+            problems.append(str(e))
+    reporter.progress("checking the site's images", len(paths), len(paths))
+    if problems:
+        head = f"{len(problems)} of the site's {len(paths)} images cannot be used"
+        err = BadDatalistError("\n".join([head, *problems]))
+        err.problems = problems  # type: ignore[attr-defined]
+        raise err
 
 
 def _supervise(server, data: Path, ca, key, insecure, device, reporter: Reporter, state: Path, domain: str) -> int:
