@@ -66,6 +66,13 @@ class BadModelError(UHarmonyError):
 class BadDatalistError(UHarmonyError):
     code = ExitCode.BAD_DATALIST
 
+    @classmethod
+    def listing(cls, head: str, problems: list[str], path: str | os.PathLike | None = None) -> "BadDatalistError":
+        """One error for several problems: ``head``, then one line per problem (kept as ``.problems``)."""
+        err = cls("\n".join([head, *problems]), path)
+        err.problems = list(problems)
+        return err
+
 
 class OutputError(UHarmonyError):
     code = ExitCode.OUTPUT_ERROR

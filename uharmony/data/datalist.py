@@ -84,9 +84,7 @@ def class_key(name: str) -> str:
 def _raise(problems: list[str], path, what: str | None = None) -> None:
     n = len(problems)
     head = f"{n} problem{'s' if n != 1 else ''}"
-    err = BadDatalistError("\n".join([f"{what}: {head}" if what else head, *problems]), path)
-    err.problems = list(problems)  # type: ignore[attr-defined]
-    raise err
+    raise BadDatalistError.listing(f"{what}: {head}" if what else head, problems, path)
 
 
 def _quote(keys) -> str:

@@ -88,8 +88,8 @@ def run_join(server: str, data: str, ca: str | None, key: str | None, *, insecur
     from uharmony.train.data import load_datasets
 
     ds = load_datasets([data])[0]  # a bad datalist ends here (exit 5), before anything starts
-    check_images_read(ds, reporter)  # so does an image whose header reads but whose voxels do not
-    choose_device(device)  # --device cuda without a GPU: exit 2 now
+    choose_device(device)  # --device cuda without a GPU: exit 2 now, before the images are read
+    check_images_read(ds, reporter)  # an image whose header reads but whose voxels do not: exit 5
     state = Path(tempfile.mkdtemp(prefix="uharmony-site-"))
     os.chmod(state, 0o700)
     try:
@@ -115,10 +115,7 @@ def check_images_read(ds, reporter: Reporter) -> None:
             problems.append(str(e))
     reporter.progress("checking the site's images", len(paths), len(paths))
     if problems:
-        head = f"{len(problems)} of the site's {len(paths)} images cannot be used"
-        err = BadDatalistError("\n".join([head, *problems]))
-        err.problems = problems  # type: ignore[attr-defined]
-        raise err
+        raise BadDatalistError.listing(f"{len(problems)} of the site's {len(paths)} images cannot be used", problems)
 
 
 def _supervise(server, data: Path, ca, key, insecure, device, reporter: Reporter, state: Path, domain: str) -> int:

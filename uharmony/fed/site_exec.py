@@ -198,9 +198,9 @@ def run_task(address: str, token: str, settings_path: Path) -> int:
         # would never pull another message, and the site would be silent for the rest of the federation.
         # Only the exception's type leaves the site: its text may name the site's files.
         reason = f"the site's ClientApp failed ({type(e).__name__}); the details are in the site's log"
-        _append_jsonl(settings.get("events"), {"phase": "failed", "round": _round_of(message),
-                                               "message_type": getattr(getattr(message, "metadata", None),
-                                                                       "message_type", None), "error": details})
+        _append_jsonl(settings.get("events"), {
+            "phase": "failed", "round": _round_of(message), "error": details,
+            "message_type": message.metadata.message_type if message is not None else None})
         reply = (Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
                  if message is not None else None)
     finally:

@@ -52,9 +52,7 @@ def load_datasets(paths: list[str | os.PathLike], *, require_labels: bool = True
             problems += getattr(e, "problems", None) or [str(e)]
     if problems:
         head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in the datalists"
-        err = BadDatalistError("\n".join([head, *problems]))
-        err.problems = problems  # type: ignore[attr-defined]
-        raise err
+        raise BadDatalistError.listing(head, problems)
     check_compatible(datasets)
     return datasets
 
