@@ -17,7 +17,7 @@ from pathlib import Path
 from uharmony import __version__
 from uharmony.errors import EXIT_CODE_HELP, BadInputError, ExitCode, UHarmonyError
 from uharmony.progress import MODES, Reporter
-from uharmony.train.config import GATE_METHODS, GateConfig
+from uharmony.train.config import GATE_METHODS, GateConfig, parse_gin_options
 
 EPILOG = "exit codes: " + ", ".join(f"{int(c)} {h}" for c, h in EXIT_CODE_HELP.items())
 
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train each method without GIN, with it, or both (default)")
     q.add_argument("--no-adapt", action="store_true",
                    help="leave out the adaptation rows (they adapt uharmony+GIN, so --gin off leaves them out too)")
+    q.add_argument("--gin-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an `augment` setting for every run with GIN on, adaptation included, the value in JSON "
+                        "(repeatable): ipa=true, gin_p=0.25, gin_kernel_sizes=[1]; recorded in --json and the table")
     q.add_argument("--workers", type=int, default=0,
                    help="train each (seed, GIN setting, method) in its own single-threaded process, this many at a "
                         "time, then print one table (default 0: one per CPU core; 1: everything in this process)")
@@ -320,6 +323,9 @@ def _dispatch(args, reporter: Reporter) -> int:
                     raise BadInputError(str(e)) from None
             if args.workers < 0 or (args.workers > 1 and args.single_source):
                 raise UHarmonyError("--workers must be >= 0, and is not for --single-source", code=ExitCode.USAGE)
+            if args.gin_option and args.single_source:
+                raise UHarmonyError("--gin-option is not for --single-source", code=ExitCode.USAGE)
+            gin_options = parse_gin_options(args.gin_option)
             if args.single_source:
                 return single_source.run_single_source(work=args.work, seeds=tuple(args.seeds), steps=args.steps or 500,
                                                        train_cases=args.cases, val_cases=2 if args.quick else 3,
@@ -330,7 +336,7 @@ def _dispatch(args, reporter: Reporter) -> int:
                                         train_cases=args.cases, val_cases=2 if args.quick else 3, quick=args.quick,
                                         json_path=args.json, methods=tuple(args.methods), gate=args.gate,
                                         adapt=not args.no_adapt, workers=_workers(args.workers),
-                                        gin=GIN_SETTINGS[args.gin])
+                                        gin=GIN_SETTINGS[args.gin], gin_options=gin_options)
         if args.bench_command == "fed":
             from uharmony.bench.fed import print_from_json as fed_from_json
             from uharmony.bench.fed import run_bench_fed

@@ -75,3 +75,33 @@ def test_gin_off_trains_one_setting_and_from_json_merges_runs_split_over_process
         assert r.returncode != 0 and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and str(tmp_path / bad) in r.stderr, r.stderr
         assert bad != "scale.json" or "differs in poly_scale" in r.stderr, r.stderr
+
+
+def test_gin_options_reach_every_gin_run_through_the_workers_and_are_recorded(tmp_path):
+    out = tmp_path / "ipa.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "UHARMONY_DATA": str(tmp_path / "cache/sources")}
+    cmd = [sys.executable, "-m", "uharmony", "bench", "generalize", "--quick", "--seeds", "0", "--steps", "3",
+           "--cases", "2", "--methods", "joint", "--workers", "2", "--gin-option", "ipa=true",
+           "--gin-option", "augment.gin_kernel_sizes=[1]", "--work", str(tmp_path / "work"), "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = tmp_path / "work/runs/seed0"
+    # the config each job trained with: the options with GIN on only
+    assert json.loads((runs / "joint+GIN.json").read_text())["augment"] == {"gin": True, "ipa": True,
+                                                                            "gin_kernel_sizes": [1]}
+    assert json.loads((runs / "joint.json").read_text())["augment"] == {"gin": False}
+    res = json.loads(out.read_text())
+    assert res["gin_options"] == {"ipa": True, "gin_kernel_sizes": [1]} and set(res["runs"]) == {"joint", "joint+GIN"}
+    assert "GIN runs with augment.ipa = true, augment.gin_kernel_sizes = [1]" in r.stdout
+    # results of other GIN options do not merge into one table: one line naming the file, exit 2
+    (tmp_path / "plain.json").write_text(json.dumps({**res, "gin_options": {}, "seeds": [1],
+                                                     "runs": {"joint": {"1": res["runs"]["joint"]["0"]}}}))
+    bad = subprocess.run([sys.executable, "-m", "uharmony", "bench", "generalize", "--from-json", str(out),
+                          str(tmp_path / "plain.json")], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "plain.json: other GIN options" in bad.stderr, bad.stderr
+    # a bad option is refused before any data is made
+    r = subprocess.run(cmd[:-4] + ["--gin-option", "gin_p=2", "--work", str(tmp_path / "w2")], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stderr.strip() == "uharmony: error: --gin-option: key 'augment.gin_p' must be in [0, 1]"
+    assert not (tmp_path / "w2").exists()

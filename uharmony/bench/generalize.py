@@ -115,9 +115,10 @@ def _evaluator(data: dict[str, Path], spacing, gate_view):
 def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int = DEFAULT_STEPS, train_cases: int = 12,
                          val_cases: int = 3, quick: bool = False, json_path: str | None = None,
                          methods=("uharmony", "joint", "separate"), adapt: bool = True, gate: str = DEFAULT_GATE,
-                         gin=(False, True), workers: int = 1) -> int:
+                         gin=(False, True), workers: int = 1, gin_options: dict | None = None) -> int:
     """Train and score `methods` for every seed and GIN setting in `gin`; the adaptation rows (which adapt the
     uharmony+GIN model) only with `adapt`, uharmony among the methods and GIN on among the settings.
+    ``gin_options``: `augment` keys (say ``{"ipa": True}``) for every run with GIN on, adaptation included.
     ``workers`` > 1: each (seed, GIN setting, method) in its own single-threaded process, that many at a time
     (`run_in_workers`)."""
     from uharmony.data.sources import cache_root
@@ -133,9 +134,11 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
     data = make_data(root, train=train_cases, val=val_cases, spacing=base["spacing_mm"][0])
     if workers > 1:
         return run_in_workers(root, workers, seeds=seeds, steps=steps, train_cases=train_cases, val_cases=val_cases,
-                              quick=quick, json_path=json_path, methods=methods, adapt=adapt, gate=gate, gin=gin)
+                              quick=quick, json_path=json_path, methods=methods, adapt=adapt, gate=gate, gin=gin,
+                              gin_options=gin_options)
     train_doms = [str(data[d]) for d in heads.BENCH_TRAIN_DOMAINS]
     rep = Reporter("none")
+    gin_options = dict(gin_options or {})
     results: dict[str, dict[int, dict]] = {}
     seconds: dict[str, float] = {}
     evaluate_with = None
@@ -162,7 +165,7 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
     for seed in seeds:
         for with_gin in gin:
             tag = "+GIN" if with_gin else ""
-            cfg = {**base, "augment": {"gin": with_gin}}
+            cfg = {**base, "augment": augment_section(with_gin, gin_options)}
             for method in methods:
                 if method == "separate":
                     per = max(1, steps // len(train_doms))
@@ -192,21 +195,22 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
                     record("oracle" + tag, seed, oracle)
         if adapt:
             scores = adapt_vs_joint(root, seed, base, data, train, run_adapt, load_model, evaluate_with, rep,
-                                    seconds)
+                                    seconds, gin_options)
             for label, s in scores.items():
                 record(label, seed, s)
 
     summary = summarise(results)
-    print(report(summary, seeds=seeds, steps=steps, quick=quick, minutes=(time.time() - t0) / 60))
+    print(report(summary, seeds=seeds, steps=steps, quick=quick, minutes=(time.time() - t0) / 60,
+                 gin_options=gin_options))
     if json_path:
         write_json(json_path, {"summary": summary, "runs": results, "seconds": seconds, "config": base,
-                               "model": effective_model(base), "seeds": list(seeds),
+                               "model": effective_model(base), "gin_options": gin_options, "seeds": list(seeds),
                                "minutes": round((time.time() - t0) / 60, 1)})
     return 0
 
 
 def worker_jobs(root: Path, *, seeds, steps: int, train_cases: int, quick: bool, methods, adapt: bool, gate: str,
-                gin, parts: Path) -> list:
+                gin, parts: Path, gin_options: dict | None = None) -> list:
     """One `uharmony bench generalize` command per (seed, GIN setting, method), each writing parts/<name>.json;
     the adaptation rows go with the uharmony+GIN job of their seed (they adapt its model)."""
     from uharmony.bench.workers import Job
@@ -221,13 +225,15 @@ def worker_jobs(root: Path, *, seeds, steps: int, train_cases: int, quick: bool,
                         "--cases", str(train_cases), "--methods", method, "--gin", "on" if with_gin else "off",
                         "--gate", gate, "--json", str(parts / f"{name}.json"), "--workers", "1"]  # a job spawns none
                 args += ([] if adapts else ["--no-adapt"]) + (["--quick"] if quick else [])
+                # every job, GIN off too (which ignores them): the part files then merge as one run
+                args += [a for k, v in (gin_options or {}).items() for a in ("--gin-option", f"{k}={json.dumps(v)}")]
                 # run time in models of `steps` steps: adaptation takes 1 more, the from-start model 4/3
                 jobs.append(Job(name, args, cost=1.0 + (1.0 + 4 / 3 if adapts else 0.0)))
     return jobs
 
 
 def run_in_workers(root: Path, workers: int, *, seeds, steps: int, train_cases: int, val_cases: int, quick: bool,
-                   json_path: str | None, methods, adapt: bool, gate: str, gin) -> int:
+                   json_path: str | None, methods, adapt: bool, gate: str, gin, gin_options: dict | None = None) -> int:
     """The benchmark as `worker_jobs`, `workers` processes at a time (`uharmony.bench.workers`); their files
     merged into one table and, with `json_path`, one results file. The data exist already (made by the caller),
     so no two processes render the same case."""
@@ -240,7 +246,7 @@ def run_in_workers(root: Path, workers: int, *, seeds, steps: int, train_cases: 
     t0 = time.time()
     parts = root / "parts"
     jobs = worker_jobs(root, seeds=seeds, steps=steps, train_cases=train_cases, quick=quick, methods=methods,
-                       adapt=adapt, gate=gate, gin=gin, parts=parts)
+                       adapt=adapt, gate=gate, gin=gin, parts=parts, gin_options=gin_options)
     for job in jobs:
         (parts / f"{job.name}.json").unlink(missing_ok=True)  # a file left by an earlier run is not this run's
     bar = tqdm(total=len(jobs), desc=f"jobs ({workers} at a time)", file=sys.stderr)
@@ -259,14 +265,14 @@ def run_in_workers(root: Path, workers: int, *, seeds, steps: int, train_cases: 
     merged["workers"] = workers
     merged["job_minutes"] = {k: round(v / 60, 1) for k, v in seconds.items()}
     print(report(summarise(merged["runs"]), seeds=seeds, steps=steps, quick=quick, minutes=merged["minutes"],
-                 note=f"({len(jobs)} single-threaded jobs, {workers} at a time)"))
+                 note=f"({len(jobs)} single-threaded jobs, {workers} at a time)", gin_options=merged["gin_options"]))
     if json_path:
         write_json(json_path, merged)
     return 0
 
 
 def adapt_vs_joint(root: Path, seed: int, base: dict, data: dict, train, run_adapt, load_model, evaluate_with,
-                   rep, seconds) -> dict:
+                   rep, seconds, gin_options: dict | None = None) -> dict:
     """Adapt uharmony+GIN to the unseen style with ADAPT_CASES cases vs training with it from the start."""
     unseen = heads.BENCH_UNSEEN_DOMAIN
     src = root / "runs" / f"seed{seed}" / "uharmony+GIN"
@@ -274,7 +280,7 @@ def adapt_vs_joint(root: Path, seed: int, base: dict, data: dict, train, run_ada
     cfg_path = root / "runs" / f"seed{seed}" / "adapt.json"
     # as many steps as a model's training (half of them until 2026-12-03: at 1000 steps that reached only 84 %)
     cfg_path.write_text(json.dumps({"steps": base["steps"], "seed": seed, "device": "cpu",
-                                    "checkpoint_every": 0, "augment": {"gin": True}}))
+                                    "checkpoint_every": 0, "augment": augment_section(True, gin_options)}))
     t = time.time()
     run_adapt(str(src), [str(data["adapt"])], [str(data[d]) for d in heads.BENCH_TRAIN_DOMAINS], str(out),
               str(cfg_path), overwrite=True, reporter=rep, argv=["bench"])
@@ -282,7 +288,7 @@ def adapt_vs_joint(root: Path, seed: int, base: dict, data: dict, train, run_ada
     model, _ = load_model(out)
     patch = tuple(base["patch_size"])
     adapted = evaluate_with(model, "auto", patch)
-    ref_cfg = {**base, "method": "uharmony", "augment": {"gin": True},
+    ref_cfg = {**base, "method": "uharmony", "augment": augment_section(True, gin_options),
                "steps": round(base["steps"] * 4 / 3)}
     ref = train("from-start+GIN", seed, ref_cfg, [str(data[d]) for d in (*heads.BENCH_TRAIN_DOMAINS, unseen)])
     model, _ = load_model(ref)
@@ -307,9 +313,17 @@ def summarise(results: dict[str, dict]) -> dict:
     return out
 
 
-def report(summary: dict, *, seeds, steps: int, quick: bool, minutes: float, note: str = "") -> str:
+def augment_section(with_gin: bool, gin_options: dict | None) -> dict:
+    """A run's `augment` config: GIN on or off, and the benchmark's `--gin-option`s when on."""
+    return {"gin": True, **(gin_options or {})} if with_gin else {"gin": False}
+
+
+def report(summary: dict, *, seeds, steps: int, quick: bool, minutes: float, note: str = "",
+           gin_options: dict | None = None) -> str:
     """The printed result of a `summarise`d run: the table, `note` below it, the target checks."""
     table = format_table(summary, seeds=list(seeds), steps=steps, quick=quick, minutes=minutes)
+    if gin_options:
+        table += "\nGIN runs with " + ", ".join(f"augment.{k} = {json.dumps(v)}" for k, v in gin_options.items())
     return table + (f"\n{note}" if note else "") + "\n\n" + "\n".join(check_targets(summary))
 
 
@@ -399,10 +413,14 @@ def merge_results(docs: list[tuple[str, dict]]) -> dict:
     merged: dict = {}
     for path, r in docs:
         if not merged:
-            merged = {"config": r["config"], "model": r.get("model"), "runs": {}, "seeds": [], "minutes": 0.0}
+            merged = {"config": r["config"], "model": r.get("model"), "gin_options": r.get("gin_options", {}),
+                      "runs": {}, "seeds": [], "minutes": 0.0}
         elif r["config"] != merged["config"]:
             raise ValueError(f"{path}: another budget than the first file's (differs in "
                              f"{differing(r['config'], merged['config'])})")
+        elif r.get("gin_options", {}) != merged["gin_options"]:
+            raise ValueError(f"{path}: other GIN options than the first file's ({r.get('gin_options', {})} against "
+                             f"{merged['gin_options']})")
         elif r.get("model") != merged["model"]:  # None: a file written before the key was recorded
             raise ValueError(f"{path}: models of another model config than the first file's (differs in "
                              f"{differing(r.get('model') or {}, merged['model'] or {})})")
@@ -420,5 +438,6 @@ def print_from_json(docs: list[tuple[str, dict]]) -> int:
     """Re-print the table and the target checks from one or more (path, results) of --json, as the CLI has
     read them (merged: the same budget, each run in one file only)."""
     r = merge_results(docs) if len(docs) > 1 else docs[0][1]
-    print(report(summarise(r["runs"]), seeds=r["seeds"], steps=r["config"]["steps"], quick=False, minutes=r["minutes"]))
+    print(report(summarise(r["runs"]), seeds=r["seeds"], steps=r["config"]["steps"], quick=False, minutes=r["minutes"],
+                 gin_options=r.get("gin_options")))
     return 0

@@ -226,6 +226,26 @@ def _validate(c: TrainConfig, where) -> None:
          "must be 0 with gate.method = negative-free (reframed views are for a trained gate)")
 
 
+def parse_gin_options(items: list[str], where: str = "--gin-option") -> dict:
+    """``KEY=VALUE`` strings (VALUE in JSON: ``ipa=true``, ``gin_kernel_sizes=[1]``) -> checked `augment`
+    keys for the runs with GIN on; `gin` itself is the benchmark's --gin. A one-line error (exit 2) names
+    the first bad item."""
+    options: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().removeprefix("augment.")
+        if not sep or not key:
+            _fail(f"{item!r} must be KEY=VALUE, such as ipa=true or gin_kernel_sizes=[1]", where)
+        if key == "gin":
+            _fail("GIN is switched on and off by --gin, not by an option", where)
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            _fail(f"{item!r}: the value must be JSON (true, 0.25, [1])", where)
+    _validate(_fill(TrainConfig, {"augment": {"gin": True, **options}}, "", where, set()), where)
+    return options
+
+
 def read_config_values(path: str | Path) -> dict:
     """The settings table of a .toml or .json config file; a one-line error (exit 2) when unreadable."""
     where = str(path)
