@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train only one arm (what a worker runs; `both` is the benchmark)")
     q.add_argument("--gin", default="both", choices=("both", "off", "on"),
                    help="each arm without GIN, with it, or both (default)")
+    q.add_argument("--gin-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="as for generalize: a GIN/IPA setting for every run with GIN on, both arms (fed.toml's train "
+                        "section has the same keys), e.g. gin_kernel_sizes=[1]")
 
     p = sub.add_parser("train", help="train a model jointly on several datalists (see docs/training.md)", epilog=EPILOG,
                        description="Train one U-Harmony model on one or more MSD-style datalists (dataset.json); "
@@ -348,12 +351,13 @@ def _dispatch(args, reporter: Reporter) -> int:
                 except ValueError as e:
                     raise BadInputError(str(e)) from None
             q = args.quick
+            gin_options = parse_gin_options(args.gin_option)
             return run_bench_fed(work=args.work, seeds=tuple(args.seeds), quick=q, json_path=args.json,
                                  rounds=args.rounds or (2 if q else 12), steps=args.steps or (6 if q else DEFAULT_STEPS),
                                  train_cases=args.cases or (2 if q else 12), val_cases=1 if q else 3,
                                  central_json=args.central_json, workers=_workers(args.workers),
                                  arms=("central", "federated") if args.arm == "both" else (args.arm,),
-                                 gin=GIN_SETTINGS[args.gin],
+                                 gin=GIN_SETTINGS[args.gin], gin_options=gin_options,
                                  flower_rounds=(1 if q else 2) if args.flower_rounds is None else args.flower_rounds)
         if args.bench_command == "gate":
             from uharmony.bench.gate import run_bench_gate

@@ -103,6 +103,9 @@ def test_a_negative_domain_lr_scale_is_refused_with_its_key(tmp_path):
     ("gate", "input_size = [8, 8]", "gate.input_size"),
     ("train", "patch_size = [16, 16, 18]", "train.patch_size"),
     ("model", "strides = [1, 2, 3, 2]", "model.strides"),
+    ("train", "gin_kernel_sizes = [1, 2]", "train.gin_kernel_sizes"),  # GIN keys: the training config's rules
+    ("train", "ipa_weight = -0.5", "train.ipa_weight"),
+    ("train", "gin_p = 1.5", "train.gin_p"),
 ])
 def test_network_shape_keys_are_checked_as_in_the_training_config(tmp_path, section, line, key):
     from uharmony.errors import UHarmonyError

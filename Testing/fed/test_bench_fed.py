@@ -31,7 +31,8 @@ def bench(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("UHARMONY_FED_FAULT", None)
     done = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--quick", "--seeds", "0",
-                           "--work", str(root / "work"), "--json", str(root / "r.json"), "--workers", "2"],
+                           "--work", str(root / "work"), "--json", str(root / "r.json"), "--workers", "2",
+                           "--gin-option", "gin_kernel_sizes=[1]"],
                           env=env, capture_output=True, text=True, encoding="utf-8", timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return {"root": root, "stdout": done.stdout, "stderr": done.stderr,
@@ -111,6 +112,19 @@ def test_each_arm_ran_as_its_own_job_and_the_parts_were_merged(bench):
             assert part["runs"][row]["0"] == r["runs"][row]["0"]
         assert part["flower"] is None and part["partial"] is False
         assert set(part["fed_runs"]) == ({"seed0" + ("+GIN" if tag else "")} if arm == "federated" else set())
+
+
+def test_a_gin_option_reaches_every_gin_run_of_both_arms_and_the_flower_run(bench):
+    """`--gin-option gin_kernel_sizes=[1]` (the fixture's): through the worker processes into the centralized
+    config and every federated fed.toml with GIN on, not into the runs without GIN; recorded and printed."""
+    r, fed = bench["json"], bench["root"] / "work" / "fed"
+    assert r["gin_options"] == {"gin_kernel_sizes": [1]}
+    assert "GIN runs with augment.gin_kernel_sizes = [1]" in bench["stdout"]
+    assert json.loads((fed / "seed0/central+GIN.json").read_text())["augment"] == {"gin": True, "gin_kernel_sizes": [1]}
+    assert json.loads((fed / "seed0/central.json").read_text())["augment"] == {"gin": False}
+    for folder, want in (("seed0/federated+GIN", [1]), ("flower-run", [1]), ("seed0/federated", None)):
+        train = json.loads((fed / folder / "fed.json").read_text())["train"]
+        assert train.get("gin_kernel_sizes") == want and train["gin"] is (want is not None), folder
 
 
 def test_bytes_per_round_are_the_owned_parameter_arrays(bench):
@@ -234,17 +248,20 @@ def test_central_results_are_reused_only_when_they_are_the_same_runs(bench, tmp_
         card = json.loads((work / "fed" / "seed0" / f"central{tag}" / "card.json").read_text())
         (tmp_path / "runs" / "seed0" / f"uharmony{tag}").mkdir(parents=True)
         (tmp_path / "runs" / "seed0" / f"uharmony{tag}" / "card.json").write_text(json.dumps(card))
-    got = reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists)
+    opts = bench["json"]["gin_options"]  # the fixture's GIN models were trained with a GIN option
+    with pytest.raises(ValueError, match="uharmony\\+GIN/card.json: trained with another config"):
+        reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists)  # without it: other models
+    got = reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists, gin_options=opts)
     assert got == {"centralized": {0: {"mri-t1": {"score": 0.5}}}, "centralized+GIN": {0: {"mri-t1": {"score": 0.6}}},
                    "centralized-oracle": {0: {"mri-t1": {"score": 0.7}}}}  # the same models routed by the true domain
-    assert reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists, card["architecture"]) == got
+    assert reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists, card["architecture"], opts) == got
     with pytest.raises(ValueError, match="another architecture"):
         reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists,
-                      {**card["architecture"], "filters": [8, 8, 8]})
+                      {**card["architecture"], "filters": [8, 8, 8]}, opts)
     with pytest.raises(ValueError, match="no uharmony run of seed 1"):
-        reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0, 1], datalists)
+        reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0, 1], datalists, gin_options=opts)
     card["training"]["datalists"][0]["sha256"] = "0" * 64  # a model trained on other data: refused
     (tmp_path / "runs" / "seed0" / "uharmony+GIN" / "card.json").write_text(json.dumps(card))
     with pytest.raises(ValueError, match="other datalists"):
-        reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists)
+        reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists, gin_options=opts)
     assert np.isfinite(bench["json"]["minutes"])

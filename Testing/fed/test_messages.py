@@ -119,6 +119,25 @@ def test_a_site_trains_its_own_parameters_at_the_coordinators_factor(round_messa
             client_app.site_lr_scale({**rs["train"], "domain_lr_scale": bad})
 
 
+def test_a_site_takes_the_coordinators_gin_settings_checked_as_a_config_files(round_messages):
+    from uharmony.fed import client_app
+    from uharmony.fed import messages as M
+
+    _, message, _, _ = round_messages
+    rs = client_app.round_settings(message("train").content[M.CONFIG])
+    t = rs["train"]  # what the coordinator sends: fed.toml's train section, GIN keys included
+    assert (t["gin_kernel_sizes"], t["ipa"], t["ipa_weight"]) == ([1, 3], False, 0.3)
+    a = client_app.train_config({**rs, "train": {**t, "gin_kernel_sizes": [1], "ipa": True}}, "synth-t1").augment
+    assert (a.gin, a.gin_p, a.gin_kernel_sizes, a.ipa, a.ipa_weight) == (t["gin"], t["gin_p"], [1], True, 0.3)
+    old = {k: v for k, v in t.items() if k not in ("gin_kernel_sizes", "ipa", "ipa_weight")}
+    a = client_app.site_augment(old)  # a coordinator that predates the keys: the defaults
+    assert (a.gin_kernel_sizes, a.ipa, a.ipa_weight) == ([1, 3], False, 0.3)
+    for key, bad in (("gin_kernel_sizes", [2]), ("gin_kernel_sizes", "1"), ("gin_kernel_sizes", [True]),
+                     ("gin_p", 1.5), ("gin_p", "0.5"), ("ipa", "yes"), ("gin", 1), ("ipa_weight", -1.0)):
+        with pytest.raises(ValueError, match=f"the coordinator sent train.{key} = "):
+            client_app.site_augment({**t, key: bad})
+
+
 def test_averaged_gate_sends_the_whole_gate_and_no_statistics(round_messages, monkeypatch):
     from flwr.app import ConfigRecord
 

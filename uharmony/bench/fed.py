@@ -57,15 +57,16 @@ def local_steps(steps: int, rounds: int, sites: int = len(SITES)) -> int:
     return max(1, round(steps / (sites * rounds)))
 
 
-def central_config(base: dict, seed: int, gin: bool) -> dict:
+def central_config(base: dict, seed: int, gin: bool, gin_options: dict | None = None) -> dict:
     """The centralized U-Harmony config of `uharmony bench generalize` for this seed (as its run_train gets it)."""
-    return {**base, "augment": {"gin": gin}, "method": "uharmony", "seed": seed}
+    return {**base, "augment": G.augment_section(gin, gin_options), "method": "uharmony", "seed": seed}
 
 
 def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed: int, gin: bool,
                evaluate: bool = False, address: str = "127.0.0.1:9092", insecure: bool = False,
-               pretrain: tuple[int, int] = (1500, 1800)) -> dict:
-    """A fed.toml (as a dict) with the benchmark's budget; `uharmony.fed.config` validates it."""
+               pretrain: tuple[int, int] = (1500, 1800), gin_options: dict | None = None) -> dict:
+    """A fed.toml (as a dict) with the benchmark's budget; `uharmony.fed.config` validates it. ``gin_options``:
+    as `bench generalize`'s (the fed.toml `train` section has the same GIN/IPA keys as a config's `augment`)."""
     from uharmony.bench.generalize import effective_model
     from uharmony.train.config import GateConfig
 
@@ -76,7 +77,7 @@ def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed:
             "evaluate": evaluate, "gate_pretrain_steps": pretrain[0], "gate_pretrain_views": pretrain[1],
             "train": {"local_steps": local, "batch_size": base["batch_size"], "patch_size": list(base["patch_size"]),
                       "spacing_mm": list(base["spacing_mm"]), "fg_prob": base.get("fg_prob", 0.67),
-                      "lr": base["lr"], "seed": seed, "gin": gin, "eval_cases": 1},
+                      "lr": base["lr"], "seed": seed, "eval_cases": 1, **G.augment_section(gin, gin_options)},
             "model": effective_model(base),  # every ModelConfig key: the budget's, the rest the defaults
             "gate": {k: gate[k] for k in ("input_size", "filters", "weight")}}
 
@@ -100,7 +101,8 @@ def encoder_ready(settings: dict, log) -> None:
         log(f"gate contrast encoder: {contrast_encoder_file(settings)}")
 
 
-def arm_jobs(root: Path, todo, *, steps: int, rounds: int, train_cases: int, quick: bool, parts: Path) -> list:
+def arm_jobs(root: Path, todo, *, steps: int, rounds: int, train_cases: int, quick: bool, parts: Path,
+             gin_options: dict | None = None) -> list:
     """One `uharmony bench fed --arm ARM --seeds S --gin on|off` command per (arm, seed, GIN setting), each
     writing parts/<name>.json (no real Flower run: the caller runs it once, alone, for its timings)."""
     from uharmony.bench.workers import Job
@@ -111,6 +113,7 @@ def arm_jobs(root: Path, todo, *, steps: int, rounds: int, train_cases: int, qui
         args = ["bench", "fed", "--work", str(root), "--seeds", str(seed), "--steps", str(steps), "--rounds",
                 str(rounds), "--cases", str(train_cases), "--arm", arm, "--gin", "on" if gin else "off",
                 "--flower-rounds", "0", "--workers", "1", "--json", str(parts / f"{name}.json")]
+        args += [a for k, v in (gin_options or {}).items() for a in ("--gin-option", f"{k}={json.dumps(v)}")]
         # one core, 1000 steps: a federated seed took 2.9-4.8 min, a centralized model 2.2-3.3 min
         jobs.append(Job(name, args + (["--quick"] if quick else []), cost=1.3 if arm == "federated" else 1.0))
     return jobs
@@ -430,7 +433,8 @@ def _wait(predicate, timeout: float, what: str) -> None:
 # ------------------------------------------------------------------------------ the centralized arm
 
 
-def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str, Path], arch: dict | None = None) -> dict:
+def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str, Path], arch: dict | None = None,
+                  gin_options: dict | None = None) -> dict:
     """Centralized scores of `uharmony bench generalize --json` if, and only if, they are of the same runs.
 
     Checks: the JSON's budget equals ours, it holds every seed for uharmony and uharmony+GIN, and each of
@@ -459,13 +463,14 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
             card = json.loads(card_path.read_text())
             tmp = root / "fed" / "central-check.json"
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(central_config(base, seed, gin)))
+            tmp.write_text(json.dumps(central_config(base, seed, gin, gin_options)))
             cfg, _ = load_config(str(tmp))
             # read back through the loader: keys added since (with their old behaviour as default) are filled in
             tmp.write_text(json.dumps(card["training"]["config"]))
             recorded, _ = load_config(str(tmp))
             if recorded.to_dict() != cfg.to_dict():
-                raise ValueError(f"{card_path}: trained with another config than {central_config(base, seed, gin)}")
+                raise ValueError(f"{card_path}: trained with another config than "
+                                 f"{central_config(base, seed, gin, gin_options)}")
             if arch is not None and card["architecture"] != arch:
                 raise ValueError(f"{card_path}: another architecture than the federated model's {arch}")
             got = [x["sha256"] for x in card["training"]["datalists"]]
@@ -485,7 +490,8 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
 def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12, steps: int = G.DEFAULT_STEPS,
                   train_cases: int = 12, val_cases: int = 3, quick: bool = False, json_path: str | None = None,
                   central_json: str | None = None, flower_rounds: int = 2, flower_timeout: float = 600.0,
-                  workers: int = 1, arms=("central", "federated"), gin=(False, True)) -> int:
+                  workers: int = 1, arms=("central", "federated"), gin=(False, True),
+                  gin_options: dict | None = None) -> int:
     """Both arms for every seed and GIN setting in `gin`, then (with `flower_rounds`) one real Flower run.
     ``workers`` > 1: each (arm, seed, GIN setting) in its own single-threaded process, that many at a time
     (`arm_jobs`); ``arms`` = one arm only is what such a job runs."""
@@ -497,6 +503,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
     from uharmony.train.trainer import run_train
 
     t0 = time.time()
+    gin_options = dict(gin_options or {})
 
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
@@ -533,6 +540,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         doc = {"summary": summary, "ratios": ratios(summary), "runs": results, "config": base, "seeds": list(seeds),
                "classes": classes, "plan": plan, "bytes": bytes_summary(extra["fed_runs"]),
                "targets": check_targets(summary), "minutes": round((time.time() - t0) / 60, 1),
+               "gin_options": gin_options,
                "partial": partial, "quick": quick, **extra}
         if json_path:
             write_json(json_path, doc, default=str)
@@ -550,7 +558,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         by this process only when needed: jobs run in parallel must not write the same file."""
         if not probe:
             probe.update(write_fed_config(root / "fed" / "arch-check", fed_config(
-                base, classes=classes, rounds=rounds, local=local, seed=seeds[0], gin=True, pretrain=pretrain)).to_dict())
+                base, classes=classes, rounds=rounds, local=local, seed=seeds[0], gin=True, pretrain=pretrain,
+                gin_options=gin_options)).to_dict())
         return probe
 
     # -- centralized arm: reused when it can be (it then needs both GIN settings of every seed)
@@ -559,7 +568,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
             from uharmony.fed.server_app import arch_of
 
             arch = arch_of({**fed_settings(), "out": str(root / "fed" / "arch-check")})
-            for label, per in reuse_central(central_json, root, base, seeds, datalists, arch).items():
+            for label, per in reuse_central(central_json, root, base, seeds, datalists, arch, gin_options).items():
                 for seed, scores in per.items():
                     record(label, seed, scores)
             extra["central_source"] = f"reused from {central_json} (same data, config and seeds; cards checked)"
@@ -573,7 +582,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         if any(arm == "federated" for arm, _, _ in todo):  # pretrain the gate's encoder once, not in every job
             encoder_ready(fed_settings(), log)
         parts = root / "fed" / "parts"
-        jobs = arm_jobs(root, todo, steps=steps, rounds=rounds, train_cases=train_cases, quick=quick, parts=parts)
+        jobs = arm_jobs(root, todo, steps=steps, rounds=rounds, train_cases=train_cases, quick=quick, parts=parts,
+                        gin_options=gin_options)
         for job in jobs:
             (parts / f"{job.name}.json").unlink(missing_ok=True)  # a file left by an earlier run is not this run's
         log(f"{len(jobs)} single-threaded jobs, {workers} at a time (logs in {parts})")
@@ -596,7 +606,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
             out = root / "fed" / f"seed{seed}" / ("central" + tag)
             cfg_path = out.with_name(out.name + ".json")
             cfg_path.parent.mkdir(parents=True, exist_ok=True)
-            cfg_path.write_text(json.dumps(central_config(base, seed, g)))
+            cfg_path.write_text(json.dumps(central_config(base, seed, g, gin_options)))
             run_train([str(datalists[d]) for d in SITES], str(out), str(cfg_path), overwrite=True, reporter=rep,
                       argv=["bench", "fed"])
             model, _ = load_model(out)
@@ -606,7 +616,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
             continue
         folder = root / "fed" / f"seed{seed}" / ("federated" + tag)
         log(f"seed {seed} federated{tag}: {rounds} rounds x {local} local steps at {len(SITES)} sites (in-process)")
-        cfg = fed_config(base, classes=classes, rounds=rounds, local=local, seed=seed, gin=g, pretrain=pretrain)
+        cfg = fed_config(base, classes=classes, rounds=rounds, local=local, seed=seed, gin=g, pretrain=pretrain,
+                         gin_options=gin_options)
         run = run_federation_inprocess(cfg, datalists, folder, log=log)
         model, _ = load_model(run["out"])
         expected = {d: site_array_bytes(model, d) for d in SITES}
@@ -625,7 +636,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
     if flower_rounds > 0 and "federated" in arms:
         log(f"real Flower run: {flower_rounds} round(s) x {local} local steps, 3 sites, TLS + keys on 127.0.0.1")
         cfg = fed_config(base, classes=classes, rounds=flower_rounds, local=local, seed=seeds[0], gin=True,
-                         pretrain=pretrain)
+                         pretrain=pretrain, gin_options=gin_options)
         extra["flower"] = run_flower(cfg, datalists, root / "fed" / "flower-run", timeout=flower_timeout, log=log)
         if not extra["flower"]["ok"]:
             log(f"the real Flower run failed: {extra['flower'].get('error', '')[:400]}")
@@ -700,6 +711,8 @@ def format_report(doc: dict) -> str:
              (f"centralized: {plan['central_steps']} steps x {plan['batch_size']} patches ({doc['central_source']}); "
              f"federated (in-process: real ServerApp strategy + ClientApp, no transport): {plan['sites']} sites x "
              f"{plan['rounds']} rounds x {plan['local_steps']} local steps = {plan['fed_steps_total']} steps"),
+             *([("GIN runs with " + ", ".join(f"augment.{k} = {json.dumps(v)}" for k, v in doc["gin_options"].items()))]
+               if doc.get("gin_options") else []),
              "",
              "| arm | " + " | ".join(d + (" (unseen)" if d == UNSEEN else "") for d in doms) + " | mean of trained |",
              "|" + "---|" * (len(doms) + 2)]

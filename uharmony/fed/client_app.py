@@ -97,16 +97,37 @@ def build_model(rs: dict, arrays):
 
 
 def train_config(rs: dict, domain: str):
-    from uharmony.train.config import AugmentConfig, GateConfig, TrainConfig
+    from uharmony.train.config import GateConfig, TrainConfig
 
     t = rs["train"]
     return TrainConfig(steps=rs["rounds"] * t["local_steps"], batch_size=t["batch_size"], patch_size=t["patch_size"],
                        spacing_mm=t["spacing_mm"], fg_prob=t["fg_prob"], lr=t["lr"], weight_decay=t["weight_decay"],
                        poly_weight_decay=t["poly_weight_decay"], domain_lr_scale=site_lr_scale(t),
                        seed=int(t["seed"]) * 1000003 + zlib.crc32(domain.encode()) % 1000003,
-                       amp=t["amp"], augment=AugmentConfig(gin=t["gin"], gin_p=t["gin_p"]),
+                       amp=t["amp"], augment=site_augment(t),
                        gate=GateConfig(input_size=rs["arch"]["gate_input_size"], filters=rs["arch"]["gate_filters"],
                                        weight=t["gate_weight"]))
+
+
+def site_augment(t: dict):
+    """The GIN/IPA settings the coordinator sent, checked as a config file's are (a ValueError names the first
+    bad one); keys a coordinator that predates them does not send take the defaults."""
+    from uharmony.train.config import AugmentConfig, validate_augment
+
+    a = AugmentConfig(gin=t["gin"], gin_p=t["gin_p"], gin_kernel_sizes=t.get("gin_kernel_sizes", [1, 3]),
+                      ipa=t.get("ipa", False), ipa_weight=t.get("ipa_weight", 0.3))
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"the coordinator sent {key} = {t.get(key.removeprefix('train.'))!r}; it {what}")
+
+    for key in ("gin", "ipa"):
+        need(isinstance(getattr(a, key), bool), "train." + key, "must be true or false")
+    for key in ("gin_p", "ipa_weight"):
+        value = getattr(a, key)
+        need(isinstance(value, (int, float)) and not isinstance(value, bool), "train." + key, "must be a number")
+    validate_augment(a.gin_p, a.gin_kernel_sizes, a.ipa_weight, "train.", need)
+    return a
 
 
 def site_lr_scale(t: dict) -> float:

@@ -21,6 +21,7 @@ from uharmony.train.config import (
     doc_rows,
     read_config_values,
     resolved_domain_lr_scale,
+    validate_augment,
     validate_network,
 )
 
@@ -45,6 +46,9 @@ class FedTrainConfig:
     seed: int = 0  # seeds the initial model and (with the domain name) each site's steps
     gin: bool = True  # GIN augmentation at every site (FedGIN)
     gin_p: float = 0.5  # probability that a sample is GIN-augmented
+    gin_kernel_sizes: list[int] = field(default_factory=lambda: [1, 3])  # GIN kernel sizes, one drawn per layer; [1] maps intensities voxel-wise
+    ipa: bool = False  # IPA instead of plain GIN at every site: two GIN views, smooth-mask blend, KL consistency (2x cost)
+    ipa_weight: float = 0.3  # weight of the KL consistency loss between the two IPA views
     amp: bool = True  # fp16 autocast on CUDA sites only
     eval_cases: int = 4  # at most this many of its validation cases each site evaluates per round
 
@@ -142,7 +146,7 @@ def _validate(c: FedConfig, where) -> None:
          "must be in [0, 100] (0: the number of the federation's domains)")
     need(t.weight_decay >= 0 and t.poly_weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.seed >= 0, "train.seed", "must be >= 0")
-    need(0 <= t.gin_p <= 1, "train.gin_p", "must be in [0, 1]")
+    validate_augment(t.gin_p, t.gin_kernel_sizes, t.ipa_weight, "train.", need)
     need(t.eval_cases >= 1, "train.eval_cases", "must be >= 1")
     validate_network(c.model, c.gate, t.patch_size, "train.patch_size", need)
 

@@ -190,6 +190,15 @@ def validate_network(m: ModelConfig, gate: GateConfig, patch_size, patch_key: st
     need(gate.weight >= 0, "gate.weight", "must be >= 0")
 
 
+def validate_augment(gin_p: float, kernel_sizes: list, ipa_weight: float, prefix: str, need) -> None:
+    """GIN/IPA settings, for a training config (``augment.``) and a federation's (``train.``) alike."""
+    need(0.0 <= gin_p <= 1.0, prefix + "gin_p", "must be in [0, 1]")
+    need(ipa_weight >= 0, prefix + "ipa_weight", "must be >= 0")
+    need(isinstance(kernel_sizes, list) and len(kernel_sizes) >= 1
+         and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1 for k in kernel_sizes),
+         prefix + "gin_kernel_sizes", "must be a list of odd positive kernel sizes, such as [1, 3] or [1]")
+
+
 def _validate(c: TrainConfig, where) -> None:
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
@@ -211,11 +220,7 @@ def _validate(c: TrainConfig, where) -> None:
     need(c.val_cases >= 1, "val_cases", "must be >= 1")
     need(c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
     need(c.device in ("auto", "cpu", "cuda", "mps"), "device", "must be auto, cpu, cuda or mps")
-    need(0.0 <= c.augment.gin_p <= 1.0, "augment.gin_p", "must be in [0, 1]")
-    need(c.augment.ipa_weight >= 0, "augment.ipa_weight", "must be >= 0")
-    need(len(c.augment.gin_kernel_sizes) >= 1 and all(isinstance(k, int) and k >= 1 and k % 2 == 1
-                                                      for k in c.augment.gin_kernel_sizes),
-         "augment.gin_kernel_sizes", "must be a list of odd positive kernel sizes, such as [1, 3] or [1]")
+    validate_augment(c.augment.gin_p, c.augment.gin_kernel_sizes, c.augment.ipa_weight, "augment.", need)
     validate_network(c.model, c.gate, c.patch_size, "patch_size", need)
     need(c.gate.batch_size >= 1, "gate.batch_size", "must be >= 1")
     need(0 <= c.gate.framing < 0.5, "gate.framing", "must be in [0, 0.5)")
