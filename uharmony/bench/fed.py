@@ -113,7 +113,7 @@ def arm_jobs(root: Path, todo, *, steps: int, rounds: int, train_cases: int, qui
         args = ["bench", "fed", "--work", str(root), "--seeds", str(seed), "--steps", str(steps), "--rounds",
                 str(rounds), "--cases", str(train_cases), "--arm", arm, "--gin", "on" if gin else "off",
                 "--flower-rounds", "0", "--workers", "1", "--json", str(parts / f"{name}.json")]
-        args += [a for k, v in (gin_options or {}).items() for a in ("--gin-option", f"{k}={json.dumps(v)}")]
+        args += G.gin_option_args(gin_options)
         # one core, 1000 steps: a federated seed took 2.9-4.8 min, a centralized model 2.2-3.3 min
         jobs.append(Job(name, args + (["--quick"] if quick else []), cost=1.3 if arm == "federated" else 1.0))
     return jobs
@@ -711,8 +711,7 @@ def format_report(doc: dict) -> str:
              (f"centralized: {plan['central_steps']} steps x {plan['batch_size']} patches ({doc['central_source']}); "
              f"federated (in-process: real ServerApp strategy + ClientApp, no transport): {plan['sites']} sites x "
              f"{plan['rounds']} rounds x {plan['local_steps']} local steps = {plan['fed_steps_total']} steps"),
-             *([("GIN runs with " + ", ".join(f"augment.{k} = {json.dumps(v)}" for k, v in doc["gin_options"].items()))]
-               if doc.get("gin_options") else []),
+             *G.gin_options_line(doc.get("gin_options")),
              "",
              "| arm | " + " | ".join(d + (" (unseen)" if d == UNSEEN else "") for d in doms) + " | mean of trained |",
              "|" + "---|" * (len(doms) + 2)]

@@ -225,8 +225,7 @@ def worker_jobs(root: Path, *, seeds, steps: int, train_cases: int, quick: bool,
                         "--cases", str(train_cases), "--methods", method, "--gin", "on" if with_gin else "off",
                         "--gate", gate, "--json", str(parts / f"{name}.json"), "--workers", "1"]  # a job spawns none
                 args += ([] if adapts else ["--no-adapt"]) + (["--quick"] if quick else [])
-                # every job, GIN off too (which ignores them): the part files then merge as one run
-                args += [a for k, v in (gin_options or {}).items() for a in ("--gin-option", f"{k}={json.dumps(v)}")]
+                args += gin_option_args(gin_options)  # GIN off too (ignored there): the parts then merge
                 # run time in models of `steps` steps: adaptation takes 1 more, the from-start model 4/3
                 jobs.append(Job(name, args, cost=1.0 + (1.0 + 4 / 3 if adapts else 0.0)))
     return jobs
@@ -318,12 +317,23 @@ def augment_section(with_gin: bool, gin_options: dict | None) -> dict:
     return {"gin": True, **(gin_options or {})} if with_gin else {"gin": False}
 
 
+def gin_option_args(gin_options: dict | None) -> list[str]:
+    """The command-line form of `gin_options`, for a worker process."""
+    return [a for k, v in (gin_options or {}).items() for a in ("--gin-option", f"{k}={json.dumps(v)}")]
+
+
+def gin_options_line(gin_options: dict | None) -> list[str]:
+    """The report's line naming the GIN options ([] without any)."""
+    if not gin_options:
+        return []
+    return ["GIN runs with " + ", ".join(f"augment.{k} = {json.dumps(v)}" for k, v in gin_options.items())]
+
+
 def report(summary: dict, *, seeds, steps: int, quick: bool, minutes: float, note: str = "",
            gin_options: dict | None = None) -> str:
     """The printed result of a `summarise`d run: the table, `note` below it, the target checks."""
     table = format_table(summary, seeds=list(seeds), steps=steps, quick=quick, minutes=minutes)
-    if gin_options:
-        table += "\nGIN runs with " + ", ".join(f"augment.{k} = {json.dumps(v)}" for k, v in gin_options.items())
+    table = "\n".join([table, *gin_options_line(gin_options)])
     return table + (f"\n{note}" if note else "") + "\n\n" + "\n".join(check_targets(summary))
 
 
