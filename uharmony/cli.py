@@ -326,13 +326,11 @@ def _dispatch(args, reporter: Reporter) -> int:
                     raise BadInputError(str(e)) from None
             if args.workers < 0 or (args.workers > 1 and args.single_source):
                 raise UHarmonyError("--workers must be >= 0, and is not for --single-source", code=ExitCode.USAGE)
-            if args.gin_option and args.single_source:
-                raise UHarmonyError("--gin-option is not for --single-source", code=ExitCode.USAGE)
             gin_options = parse_gin_options(args.gin_option)
             if args.single_source:
                 return single_source.run_single_source(work=args.work, seeds=tuple(args.seeds), steps=args.steps or 500,
                                                        train_cases=args.cases, val_cases=2 if args.quick else 3,
-                                                       quick=args.quick, json_path=args.json)
+                                                       quick=args.quick, json_path=args.json, gin_options=gin_options)
             from uharmony.bench.generalize import DEFAULT_STEPS
 
             return run_bench_generalize(work=args.work, seeds=tuple(args.seeds), steps=args.steps or DEFAULT_STEPS,

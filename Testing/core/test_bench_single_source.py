@@ -40,7 +40,8 @@ def test_target_line_follows_the_measured_difference(gain, verdict):
 def test_a_tiny_real_run_scores_every_style_and_reprints_from_json(tmp_path):
     out = tmp_path / "single.json"
     cmd = [sys.executable, "-m", "uharmony", "bench", "generalize", "--single-source", "--quick", "--seeds", "0",
-           "--steps", "3", "--cases", "2", "--work", str(tmp_path / "work"), "--json", str(out)]
+           "--steps", "3", "--cases", "2", "--work", str(tmp_path / "work"), "--json", str(out),
+           "--gin-option", "gin_kernel_sizes=[1]"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -54,6 +55,10 @@ def test_a_tiny_real_run_scores_every_style_and_reprints_from_json(tmp_path):
     card = json.loads((tmp_path / "work/runs/seed0/single-ct+GIN/card.json").read_text())
     assert [d["domain"] for d in card["training"]["datalists"]] == ["ct"]
     assert card["training"]["config"]["augment"]["gin"] is True
+    assert card["training"]["config"]["augment"]["gin_kernel_sizes"] == [1]  # the --gin-option, GIN runs only
+    plain = json.loads((tmp_path / "work/runs/seed0/single-ct/card.json").read_text())["training"]["config"]["augment"]
+    assert plain["gin"] is False and plain["gin_kernel_sizes"] == [1, 3]
+    assert res["gin_options"] == {"gin_kernel_sizes": [1]} and "GIN runs with augment.gin_kernel_sizes = [1]" in r.stdout
     assert "| mri-t1+GIN |" in r.stdout and "(own)" in r.stdout and "GIN raises single-source" in r.stdout
     again = subprocess.run([sys.executable, "-m", "uharmony", "bench", "generalize", "--from-json", str(out)],
                            capture_output=True, text=True, timeout=120)

@@ -23,11 +23,13 @@ from uharmony.data import heads
 from uharmony.data.io import write_json
 
 STYLES = (*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN)
-ARMS = {"": {"gin": False}, "+GIN": {"gin": True}}  # label suffix -> train config `augment`
+ARMS = {"": False, "+GIN": True}  # label suffix -> GIN on
 
 
 def run_single_source(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 500, train_cases: int = 12,
-                      val_cases: int = 3, quick: bool = False, json_path: str | None = None) -> int:
+                      val_cases: int = 3, quick: bool = False, json_path: str | None = None,
+                      gin_options: dict | None = None) -> int:
+    """``gin_options``: as `run_bench_generalize`'s, for the +GIN networks."""
     from uharmony.data.sources import cache_root
     from uharmony.model.package import load_model
     from uharmony.progress import Reporter
@@ -42,7 +44,8 @@ def run_single_source(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 
     evaluate_with = None
     for seed in seeds:
         for source in heads.BENCH_TRAIN_DOMAINS:
-            for tag, augment in ARMS.items():
+            for tag, with_gin in ARMS.items():
+                augment = G.augment_section(with_gin, gin_options)
                 out = root / "runs" / f"seed{seed}" / f"single-{source}{tag}"
                 cfg_path = out.with_name(out.name + ".json")
                 cfg_path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +62,7 @@ def run_single_source(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 
                       file=sys.stderr, flush=True)
     minutes = (time.time() - t0) / 60
     result = {"kind": "single-source", "runs": runs, "config": base, "seeds": list(seeds),
-              "minutes": round(minutes, 1)}
+              "minutes": round(minutes, 1), "gin_options": dict(gin_options or {})}
     print(format_report(result, quick=quick))
     if json_path:
         write_json(json_path, result)
@@ -101,7 +104,8 @@ def format_report(result: dict, *, quick: bool = False) -> str:
     steps = result["config"]["steps"]
     lines = [f"Single-source: one network per training style, Dice (mean of CSF, GM, WM) on every style, mean over "
              f"seeds {', '.join(map(str, result['seeds']))}; {steps} steps per model"
-             f"{' (QUICK smoke run: not meaningful)' if quick else ''}; {result['minutes']:.1f} min in all", "",
+             f"{' (QUICK smoke run: not meaningful)' if quick else ''}; {result['minutes']:.1f} min in all",
+             *G.gin_options_line(result.get("gin_options")), "",
              "| trained on | " + " | ".join(d + (" (held back)" if d == heads.BENCH_UNSEEN_DOMAIN else "")
                                          for d in STYLES) + " | mean on never-seen styles |",
              "|" + "---|" * (len(STYLES) + 2)]
