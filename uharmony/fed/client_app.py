@@ -112,10 +112,12 @@ def train_config(rs: dict, domain: str):
 def site_augment(t: dict):
     """The GIN/IPA settings the coordinator sent, checked as a config file's are (a ValueError names the first
     bad one); keys a coordinator that predates them does not send take the defaults."""
+    import dataclasses
+
     from uharmony.train.config import AugmentConfig, validate_augment
 
-    a = AugmentConfig(gin=t["gin"], gin_p=t["gin_p"], gin_kernel_sizes=t.get("gin_kernel_sizes", [1, 3]),
-                      ipa=t.get("ipa", False), ipa_weight=t.get("ipa_weight", 0.3))
+    received = {f.name: t[f.name] for f in dataclasses.fields(AugmentConfig) if f.name in t}
+    a = dataclasses.replace(AugmentConfig(), **received)  # the training defaults for keys not sent
 
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
