@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "budget (runs split over processes) print as one table")
     q.add_argument("--single-source", action="store_true",
                    help="instead: one network per training style, with and without GIN, scored on every style "
-                        "(GIN's own setting; ~5 min per seed on 2 cores)")
+                        "(GIN's own setting; ~5 min per seed on 2 cores); --gin and --sources choose the networks")
+    q.add_argument("--sources", nargs="+", default=None, metavar="STYLE",
+                   help="--single-source: the training styles that get a network (default: all three: mri-t1 mri-t2 "
+                        "ct)")
     q.add_argument("--gate", default=GateConfig().method, choices=GATE_METHODS,
                    help="the U-Harmony models' gate.method (default: training's, negative-free: contrast encoder + LDA, "
                         "no gate training)")
@@ -315,22 +318,33 @@ def _dispatch(args, reporter: Reporter) -> int:
 
             if args.from_json:
                 docs = [(p, _results_json(p)) for p in args.from_json]
-                if any(r.get("kind") == "single-source" for _, r in docs):
-                    if len(args.from_json) > 1:
-                        raise BadInputError(f"{args.from_json[1]}: --from-json merges only the main benchmark's "
-                                            "results; give one --single-source file at a time")
-                    return single_source.print_from_json(args.from_json[0])
+                kinds = [r.get("kind") == "single-source" for _, r in docs]
+                if any(kinds) and not all(kinds):
+                    path = docs[kinds.index(not kinds[0])][0]
+                    raise BadInputError(f"{path}: --from-json merges --single-source results only with other "
+                                        "--single-source results")
                 try:
-                    return print_from_json(docs)
+                    return (single_source.print_from_json if kinds[0] else print_from_json)(docs)
                 except ValueError as e:
                     raise BadInputError(str(e)) from None
             if args.workers < 0 or (args.workers > 1 and args.single_source):
                 raise UHarmonyError("--workers must be >= 0, and is not for --single-source", code=ExitCode.USAGE)
+            from uharmony.data.heads import BENCH_TRAIN_DOMAINS
+
+            if args.sources and not args.single_source:
+                raise UHarmonyError("--sources is for --single-source (the main benchmark trains on every style)",
+                                    code=ExitCode.USAGE)
+            if set(args.sources or ()) - set(BENCH_TRAIN_DOMAINS):
+                raise UHarmonyError(f"--sources: {' '.join(sorted(set(args.sources) - set(BENCH_TRAIN_DOMAINS)))} is "
+                                    f"not a training style of the benchmark ({' '.join(BENCH_TRAIN_DOMAINS)})",
+                                    code=ExitCode.USAGE)
             gin_options = parse_gin_options(args.gin_option)
             if args.single_source:
                 return single_source.run_single_source(work=args.work, seeds=tuple(args.seeds), steps=args.steps or 500,
                                                        train_cases=args.cases, val_cases=2 if args.quick else 3,
-                                                       quick=args.quick, json_path=args.json, gin_options=gin_options)
+                                                       quick=args.quick, json_path=args.json, gin_options=gin_options,
+                                                       sources=tuple(args.sources or BENCH_TRAIN_DOMAINS),
+                                                       gin=GIN_SETTINGS[args.gin])
             from uharmony.bench.generalize import DEFAULT_STEPS
 
             return run_bench_generalize(work=args.work, seeds=tuple(args.seeds), steps=args.steps or DEFAULT_STEPS,

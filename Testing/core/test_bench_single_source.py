@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -80,3 +81,72 @@ def test_from_json_of_a_bad_file_is_one_line_and_bad_input(tmp_path, content):
         assert r.returncode == int(ExitCode.BAD_INPUT)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in r.stderr
+
+
+def _doc(runs: dict, steps: int = 500, seeds=(0, 1)) -> dict:
+    return {"kind": "single-source", "runs": runs, "config": {"steps": steps}, "seeds": list(seeds), "minutes": 1.0,
+            "gin_options": {}}
+
+
+def test_results_split_by_arm_merge_into_one_table_and_target():
+    runs = _runs(0.1)
+    plain = {src: {"": arms[""]} for src, arms in runs.items()}
+    gin = {src: {"+GIN": arms["+GIN"]} for src, arms in runs.items()}
+    merged = S.merge_results([("a.json", _doc(plain)), ("b.json", _doc(gin))])
+    # seeds come back as JSON keys (strings), as from the files
+    assert merged["kind"] == "single-source" and merged["runs"] == json.loads(json.dumps(runs))
+    assert merged["seeds"] == [0, 1]
+    assert S.check_target(S.summarise(merged["runs"])).startswith("- PASS")
+    # one arm alone has no target to check
+    assert S.check_target(S.summarise(plain)).startswith("- n/a")
+
+
+@pytest.mark.parametrize("second, problem", [
+    (_doc({"ct": {"": {0: {}}}}, steps=1000), "another budget"),
+    (_doc({"mri-t1": {"+GIN": {0: {}}}}), "run mri-t1+GIN seed 0 is in another of the files too"),
+])
+def test_merging_refuses_another_budget_or_a_repeated_run(second, problem):
+    first = _doc({"mri-t1": {"+GIN": {0: {}}}})
+    with pytest.raises(ValueError, match=re.escape(problem)) as e:
+        S.merge_results([("a.json", first), ("b.json", second)])
+    assert str(e.value).startswith("b.json: ")
+
+
+def test_one_source_one_arm_per_command_and_the_parts_print_as_one_table(tmp_path):
+    from uharmony.errors import ExitCode
+
+    base = [sys.executable, "-m", "uharmony", "bench", "generalize"]
+    common = ["--quick", "--seeds", "0", "--steps", "3", "--cases", "2", "--work", str(tmp_path / "work")]
+    parts = []
+    for gin in ("off", "on"):
+        parts.append(tmp_path / f"{gin}.json")
+        r = subprocess.run([*base, "--single-source", "--sources", "ct", "--gin", gin, *common, "--json", str(parts[-1])],
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+    off, on = (json.loads(p.read_text()) for p in parts)
+    assert off["runs"].keys() == on["runs"].keys() == {"ct"}
+    assert set(off["runs"]["ct"]) == {""} and set(on["runs"]["ct"]) == {"+GIN"}
+    assert sorted(p.name for p in (tmp_path / "work/runs/seed0").iterdir() if p.is_dir()) == ["single-ct", "single-ct+GIN"]
+    r = subprocess.run([*base, "--from-json", *map(str, parts)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ct")]
+    assert [ln.split(" |")[0] for ln in rows] == ["| ct", "| ct+GIN"]
+    assert "GIN raises single-source models" in r.stdout and "n/a" not in r.stdout.split("targets:")[1]
+    # a part of the main benchmark does not merge with single-source parts
+    main = tmp_path / "main.json"
+    main.write_text(json.dumps({"runs": {}, "config": {"steps": 3}, "seeds": [0], "minutes": 0.0}))
+    r = subprocess.run([*base, "--from-json", str(parts[0]), str(main)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == int(ExitCode.BAD_INPUT) and str(main) in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--sources", "ct"], "--sources is for --single-source"),
+    (["--single-source", "--sources", "mri-flair"], "mri-flair is not a training style"),
+])
+def test_sources_outside_single_source_or_unknown_are_usage_errors(tmp_path, args, problem):
+    from uharmony.errors import ExitCode
+
+    r = subprocess.run([sys.executable, "-m", "uharmony", "bench", "generalize", *args, "--work", str(tmp_path / "w")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == int(ExitCode.USAGE) and problem in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "w").exists()  # refused before any data is made

@@ -28,8 +28,10 @@ ARMS = {"": False, "+GIN": True}  # label suffix -> GIN on
 
 def run_single_source(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 500, train_cases: int = 12,
                       val_cases: int = 3, quick: bool = False, json_path: str | None = None,
-                      gin_options: dict | None = None) -> int:
-    """``gin_options``: as `run_bench_generalize`'s, for the +GIN networks."""
+                      gin_options: dict | None = None, sources=heads.BENCH_TRAIN_DOMAINS, gin=(False, True)) -> int:
+    """``gin_options``: as `run_bench_generalize`'s, for the +GIN networks. ``sources``: which training styles
+    get a network; ``gin``: which arms (False: without GIN, True: with it). A long run can be split over
+    processes by source or arm and printed as one table with `print_from_json`."""
     from uharmony.data.sources import cache_root
     from uharmony.model.package import load_model
     from uharmony.progress import Reporter
@@ -43,8 +45,10 @@ def run_single_source(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 
     runs: dict[str, dict[str, dict[int, dict]]] = {}  # source -> arm -> seed -> {style: score}
     evaluate_with = None
     for seed in seeds:
-        for source in heads.BENCH_TRAIN_DOMAINS:
+        for source in sources:
             for tag, with_gin in ARMS.items():
+                if with_gin not in gin:
+                    continue
                 augment = G.augment_section(with_gin, gin_options)
                 out = root / "runs" / f"seed{seed}" / f"single-{source}{tag}"
                 cfg_path = out.with_name(out.name + ".json")
@@ -118,6 +122,27 @@ def format_report(result: dict, *, quick: bool = False) -> str:
     return "\n".join(lines) + "\n\ntargets:\n" + check_target(summary)
 
 
-def print_from_json(path: str) -> int:
-    print(format_report(json.loads(Path(path).read_text())))
+def _flat(runs: dict) -> dict:
+    return {source + tag: per for source, arms in runs.items() for tag, per in arms.items()}
+
+
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for label, per in flat.items():
+        tag = next((t for t in ARMS if t and label.endswith(t)), "")
+        out.setdefault(label[:len(label) - len(tag)], {})[tag] = per
+    return out
+
+
+def merge_results(docs: list[tuple[str, dict]]) -> dict:
+    """One single-source results document from several (path, results) of the same budget and GIN options,
+    each (source, arm, seed) in one file only; ValueError naming the file otherwise (`generalize.merge_results`'s
+    rules)."""
+    merged = G.merge_results([(path, {**r, "runs": _flat(r["runs"])}) for path, r in docs])
+    return {**merged, "kind": "single-source", "runs": _nested(merged["runs"])}
+
+
+def print_from_json(docs: list[tuple[str, dict]]) -> int:
+    """Re-print the table and target of one or more (path, results) of --single-source --json."""
+    print(format_report(merge_results(docs) if len(docs) > 1 else docs[0][1]))
     return 0
