@@ -463,14 +463,14 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
             card = json.loads(card_path.read_text())
             tmp = root / "fed" / "central-check.json"
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(central_config(base, seed, gin, gin_options)))
+            expected = central_config(base, seed, gin, gin_options)
+            tmp.write_text(json.dumps(expected))
             cfg, _ = load_config(str(tmp))
             # read back through the loader: keys added since (with their old behaviour as default) are filled in
             tmp.write_text(json.dumps(card["training"]["config"]))
             recorded, _ = load_config(str(tmp))
             if recorded.to_dict() != cfg.to_dict():
-                raise ValueError(f"{card_path}: trained with another config than "
-                                 f"{central_config(base, seed, gin, gin_options)}")
+                raise ValueError(f"{card_path}: trained with another config than {expected}")
             if arch is not None and card["architecture"] != arch:
                 raise ValueError(f"{card_path}: another architecture than the federated model's {arch}")
             got = [x["sha256"] for x in card["training"]["datalists"]]
