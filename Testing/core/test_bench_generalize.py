@@ -48,6 +48,11 @@ def test_gin_off_trains_one_setting_and_from_json_merges_runs_split_over_process
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert set(res["runs"]) == {"joint"} and res["seeds"] == [0]
+    # scored on the never-seen tissue orders too (FLAIR's validation anatomy in each), shown as one column
+    scores = res["runs"]["joint"]["0"]
+    assert all(0 <= scores[d]["score"] <= 1 for d in ("order-gcw", "order-gwc", "order-wcg"))
+    assert "| method | mri-t1 | mri-t2 | ct | mri-flair (unseen) | new tissue orders (unseen, mean of 3) |" in r.stdout
+    assert "| joint | " in r.stdout.split("| method | order-gcw | order-gwc | order-wcg |")[1]
     assert sorted(p.name for p in (tmp_path / "work/runs/seed0").iterdir() if p.is_dir()) == ["joint"]
     # a second process's file: the same budget, other runs (here: the joint scores relabelled as seed 1's
     # uharmony, with an oracle row two points above it)
@@ -105,3 +110,26 @@ def test_gin_options_reach_every_gin_run_through_the_workers_and_are_recorded(tm
                        text=True, timeout=120, env=env)
     assert r.returncode == 2 and r.stderr.strip() == "uharmony: error: --gin-option: key 'augment.gin_p' must be in [0, 1]"
     assert not (tmp_path / "w2").exists()
+
+
+def test_the_new_tissue_orders_column_is_the_per_seed_mean_and_has_its_gin_target():
+    from uharmony.bench import generalize as G
+
+    def seed(flair, orders):
+        return {"mri-t1": {"score": 0.8}, "mri-t2": {"score": 0.8}, "ct": {"score": 0.6}, "mri-flair": {"score": flair},
+                **{d: {"score": v} for d, v in zip(("order-gcw", "order-gwc", "order-wcg"), orders)}}
+
+    runs = {"joint": {"0": seed(0.5, (0.3, 0.2, 0.1)), "1": seed(0.5, (0.5, 0.4, 0.3))},
+            "joint+GIN": {"0": seed(0.4, (0.4, 0.3, 0.2)), "1": seed(0.4, (0.6, 0.5, 0.4))},
+            "separate": {"0": {"mri-t1": {"score": 0.7}, "mri-flair": {"score": 0.3}}}}  # an older file: no orders
+    summary = G.summarise(runs)
+    assert summary["joint"][G.NEW_ORDERS]["mean"] == 0.3  # seeds' means 0.2 and 0.4
+    assert abs(summary["joint"][G.NEW_ORDERS]["sd"] - 0.1414) < 1e-3 and summary["joint"]["order-gcw"]["mean"] == 0.4
+    assert G.NEW_ORDERS not in summary["separate"]
+    lines = G.check_targets(summary)
+    assert "- FAIL GIN raises joint on the unseen mri-flair: 50.0 -> 40.0 (-10.0)" in lines
+    assert "- PASS GIN raises joint on the never-seen tissue orders: 30.0 -> 40.0 (+10.0)" in lines
+    table = G.format_table(summary, seeds=[0, 1], steps=10, quick=False, minutes=1.0)
+    assert "| joint | 80.0 ± 0.0 | 80.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 30.0 ± 14.1 | 73.3 |" in table
+    assert "| separate | 70.0 ± 0.0 | n/a | n/a | 30.0 ± 0.0 | n/a | 70.0 |" in table
+    assert "| joint+GIN | 50.0 ± 14.1 | 40.0 ± 14.1 | 30.0 ± 14.1 |" in table

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
+from uharmony.bench import generalize as G
 from uharmony.bench import single_source as S
+from uharmony.data import heads
 
 
 def _runs(gin_gain: float) -> dict:
@@ -51,7 +53,12 @@ def test_a_tiny_real_run_scores_every_style_and_reprints_from_json(tmp_path):
     for arms in res["runs"].values():
         assert set(arms) == {"", "+GIN"}
         scores = arms[""]["0"]
-        assert set(scores) == set(S.STYLES) and all(0.0 <= v <= 1.0 for v in scores.values())
+        assert set(scores) == {*S.STYLES, *heads.BENCH_NOVEL_STYLES} and all(0.0 <= v <= 1.0 for v in scores.values())
+    # the new-orders column is the mean over the three never-seen tissue orders (one seed here)
+    t1 = res["runs"]["mri-t1"]["+GIN"]["0"]
+    novel = sum(t1[d] for d in heads.BENCH_NOVEL_STYLES) / 3
+    assert abs(S.summarise(res["runs"])["mri-t1"]["+GIN"][G.NEW_ORDERS] - novel) < 1e-9
+    assert f"| mean on never-seen styles | {G.NEW_ORDERS} |" in r.stdout
     # one model per source and arm, each trained on its own style only
     card = json.loads((tmp_path / "work/runs/seed0/single-ct+GIN/card.json").read_text())
     assert [d["domain"] for d in card["training"]["datalists"]] == ["ct"]

@@ -62,7 +62,9 @@ def test_some_heads_have_lesions_with_rims(atlas):
 
 
 @pytest.mark.parametrize("domain,order", [("mri-t1", ("csf", "grey", "white")), ("mri-t2", ("white", "grey", "csf")),
-                                          ("mri-flair", ("csf", "white", "grey")), ("ct", ("csf", "white", "grey"))])
+                                          ("mri-flair", ("csf", "white", "grey")), ("ct", ("csf", "white", "grey")),
+                                          ("order-gcw", ("grey", "csf", "white")), ("order-gwc", ("grey", "white", "csf")),
+                                          ("order-wcg", ("white", "csf", "grey"))])
 def test_render_keeps_each_domains_contrast_order(atlas, domain, order):
     from scipy import ndimage as ndi
 
@@ -175,3 +177,19 @@ def test_gate_only_variants_leave_the_training_heads_alone_and_reach_flatter_t1(
         assert csf < grey < 1.0, med  # still T1's order, but CSF/WM as high as the MNI template's 0.47
         assert 0.2 < csf < 0.75 and 0.55 < grey, (csf, grey)
     assert seen_low
+
+
+def test_novel_order_styles_are_orders_no_bench_domain_has_rendered_on_given_anatomy(tmp_path, atlas):
+    trained = {heads.DOMAINS[d]["order"] for d in (*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN)}
+    novel = {heads.NOVEL_ORDER_STYLES[d]["order"] for d in heads.BENCH_NOVEL_STYLES}
+    assert len(novel) == 3 and not novel & trained and len(novel | trained) == 6  # every order of three tissues
+    assert not set(heads.BENCH_NOVEL_STYLES) & set(heads.DOMAINS)  # styles to score, never a training domain
+    seeds = [heads.case_seed("mri-flair", i, 5) for i in (0, 3)]
+    p = heads.write_dataset(tmp_path, "order-gcw", n_train=1, n_val=1, spacing=4.0, atlas=atlas, seeds=seeds)
+    raw = json.loads(p.read_text())
+    assert raw["domain"] == "order-gcw" and len(raw["training"]) == len(raw["validation"]) == 1
+    lab = np.asarray(nib.load(p.parent / raw["validation"][0]["label"]).dataobj)
+    flair_head = heads.make_head(seeds[1], atlas=atlas, spacing=4.0)  # the FLAIR head's anatomy, in another contrast
+    assert np.array_equal(lab, heads.labels_from_tissue(flair_head.tissue))
+    with pytest.raises(ValueError, match="2 anatomy seeds for 3 heads"):
+        heads.write_dataset(tmp_path, "order-gcw", n_train=1, n_val=2, spacing=4.0, atlas=atlas, seeds=seeds)

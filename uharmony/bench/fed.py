@@ -46,6 +46,7 @@ from uharmony.data.io import write_json
 
 SITES = tuple(heads.BENCH_TRAIN_DOMAINS)  # one site per training style
 UNSEEN = heads.BENCH_UNSEEN_DOMAIN
+STYLES = (*SITES, UNSEEN)  # what this benchmark scores (not generalize's never-seen tissue orders)
 TARGET_RATIO = 0.95
 
 
@@ -477,7 +478,8 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
             if got != want:
                 raise ValueError(f"{card_path}: trained on other datalists than {[str(datalists[d]) for d in SITES]}")
             tag = "+GIN" if gin else ""
-            out.setdefault("centralized" + tag, {})[seed] = runs.get(str(seed), runs.get(seed))
+            scores = runs.get(str(seed), runs.get(seed))
+            out.setdefault("centralized" + tag, {})[seed] = {d: v for d, v in scores.items() if d in STYLES}
             oracle = r.get("runs", {}).get("oracle" + tag, {})  # the same model, routed by the true domain
             if str(seed) in oracle or seed in oracle:
                 out.setdefault("centralized-oracle" + tag, {})[seed] = oracle.get(str(seed), oracle.get(seed))
@@ -610,7 +612,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
             run_train([str(datalists[d]) for d in SITES], str(out), str(cfg_path), overwrite=True, reporter=rep,
                       argv=["bench", "fed"])
             model, _ = load_model(out)
-            record("centralized" + tag, seed, evaluator(model)(model, "auto", patch))
+            record("centralized" + tag, seed, evaluator(model)(model, "auto", patch, only=STYLES))
             record("centralized-oracle" + tag, seed, evaluator(model)(model, "oracle", patch, only=SITES))
             save(partial=True)
             continue
@@ -625,7 +627,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
                                                  "seconds": run["seconds"],
                                                  "rejected": [x for e in run["rounds"] for x in e["rejected"]],
                                                  "round_seconds": [e["seconds"]["round"] for e in run["rounds"]]}
-        record("federated" + tag, seed, evaluator(model)(model, "auto", patch))
+        record("federated" + tag, seed, evaluator(model)(model, "auto", patch, only=STYLES))
         # the same model routed by the true domain: separates the gate's routing from the segmentation
         record("federated-oracle" + tag, seed, evaluator(model)(model, "oracle", patch, only=SITES))
         save(partial=True)

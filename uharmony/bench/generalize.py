@@ -42,6 +42,8 @@ CLASSES = ("cerebrospinal fluid", "grey matter", "white matter")
 BENCH_SEED = 100000
 ADAPT_CASES = 4
 DEFAULT_STEPS = 1000  # per model (500 until 2026-12-03: U-Harmony's CT parameters were still undertrained there)
+UNSEEN_STYLES = (heads.BENCH_UNSEEN_DOMAIN, *heads.BENCH_NOVEL_STYLES)  # scored, never trained on
+NEW_ORDERS = "new tissue orders"  # the table's column: the mean over heads.BENCH_NOVEL_STYLES, per seed
 EVAL_OVERLAP = 0.25  # sliding-window overlap of the benchmark's evaluations (the models' own cards say 0.5)
 
 
@@ -69,10 +71,17 @@ def make_data(work: Path, *, train: int, val: int, spacing: float) -> dict[str, 
     atlas = heads.build_atlas()
     out: dict[str, Path] = {}
     doms = [*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN]
-    bar = tqdm(total=len(doms) * (train + val), desc="data", file=sys.stderr)
+    novel = heads.BENCH_NOVEL_STYLES
+    bar = tqdm(total=len(doms) * (train + val) + len(novel) * (1 + val), desc="data", file=sys.stderr)
     for d in doms:
         out[d] = heads.write_dataset(work / f"data-{spacing:g}mm", d, n_train=train, n_val=val,
                                      base_seed=BENCH_SEED, spacing=spacing, atlas=atlas, progress=lambda *_: bar.update(1))
+    # the unseen domain's validation heads again in each never-seen tissue order, so that only contrast
+    # differs; one training head too, never trained on (a datalist needs one)
+    anatomy = [heads.case_seed(heads.BENCH_UNSEEN_DOMAIN, i, BENCH_SEED) for i in (0, *range(train, train + val))]
+    for d in novel:
+        out[d] = heads.write_dataset(work / f"data-{spacing:g}mm", d, n_train=1, n_val=val, spacing=spacing,
+                                     atlas=atlas, progress=lambda *_: bar.update(1), seeds=anatomy)
     bar.close()
     full = json.loads(out[heads.BENCH_UNSEEN_DOMAIN].read_text())
     full["name"] += "-adapt"
@@ -96,7 +105,7 @@ def _evaluator(data: dict[str, Path], spacing, gate_view):
     from uharmony.train.data import load_datasets
     from uharmony.train.trainer import evaluate, prepare_items
 
-    doms = [*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN]
+    doms = [*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN, *heads.BENCH_NOVEL_STYLES]
     datasets = load_datasets([data[d] for d in doms])
     union, maps = union_label_space(datasets)
     items = prepare_items(datasets, maps, union, spacing, gate_view, Reporter("none"), split="validation")
@@ -178,7 +187,8 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
                             evaluate_with = _evaluator(data, base["spacing_mm"], model.gate.downsample)
                         s = evaluate_with(model, "joint", tuple(base["patch_size"]))
                         merged.setdefault(own, []).append(s[own])
-                        merged.setdefault(heads.BENCH_UNSEEN_DOMAIN, []).append(s[heads.BENCH_UNSEEN_DOMAIN])
+                        for d in UNSEEN_STYLES:
+                            merged.setdefault(d, []).append(s[d])
                     scores = {d: {"score": float(np.mean([x["score"] for x in v])), "per_model": v}
                               for d, v in merged.items()}
                     record("separate" + tag, seed, scores)
@@ -294,13 +304,23 @@ def adapt_vs_joint(root: Path, seed: int, base: dict, data: dict, train, run_ada
     return {"adapted+GIN": adapted, "from-start+GIN": evaluate_with(model, "auto", patch)}
 
 
+def _with_new_orders(scores: dict) -> dict:
+    """One seed's scores plus NEW_ORDERS, the mean over the never-seen tissue orders (when all were scored)."""
+    v = [scores.get(d, {}).get("score") for d in heads.BENCH_NOVEL_STYLES]
+    if any(x is None for x in v):
+        return scores
+    return {**scores, NEW_ORDERS: {"score": float(np.mean(v))}}
+
+
 def summarise(results: dict[str, dict]) -> dict:
     """label -> domain -> mean, sd and n over seeds (and the gate's mean accuracy); the seed keys may be
-    ints, as recorded, or strings, as read back from a results file."""
+    ints, as recorded, or strings, as read back from a results file. The never-seen tissue orders count as
+    domains, and NEW_ORDERS is their mean per seed (so its sd is over seeds)."""
     out = {}
     for label, per_seed in results.items():
         row = {}
-        for d in (*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN):
+        per_seed = {k: _with_new_orders(s) for k, s in per_seed.items()}
+        for d in (*heads.BENCH_TRAIN_DOMAINS, *UNSEEN_STYLES, NEW_ORDERS):
             v = [s[d]["score"] for s in per_seed.values() if d in s and s[d]["score"] is not None]
             g = [s[d].get("gate") for s in per_seed.values() if d in s and s[d].get("gate") is not None]
             if v:
@@ -338,9 +358,9 @@ def report(summary: dict, *, seeds, steps: int, quick: bool, minutes: float, not
 
 
 def format_table(summary: dict, *, seeds, steps: int, quick: bool, minutes: float) -> str:
-    doms = [*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN]
-    head = "| method | " + " | ".join(d + (" (unseen)" if d == heads.BENCH_UNSEEN_DOMAIN else "") for d in doms) \
-        + " | mean of trained |"
+    doms = [*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN, NEW_ORDERS]
+    unseen = {heads.BENCH_UNSEEN_DOMAIN: " (unseen)", NEW_ORDERS: f" (unseen, mean of {len(heads.BENCH_NOVEL_STYLES)})"}
+    head = "| method | " + " | ".join(d + unseen.get(d, "") for d in doms) + " | mean of trained |"
     title = (f"Dice (mean of CSF, GM, WM; mean ± sd over seeds {', '.join(map(str, seeds))}); {steps} steps per "
              f"model{' (QUICK smoke run: not meaningful)' if quick else ''}; {minutes:.1f} min in all")
     lines = [title, "",
@@ -353,6 +373,14 @@ def format_table(summary: dict, *, seeds, steps: int, quick: bool, minutes: floa
         trained = [row[d]["mean"] for d in heads.BENCH_TRAIN_DOMAINS if d in row]
         cells.append(f"{100 * np.mean(trained):.1f}" if trained else "n/a")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    novel = {label: row for label, row in summary.items() if NEW_ORDERS in row}
+    if novel:
+        lines += ["", f"{NEW_ORDERS}: the {heads.BENCH_UNSEEN_DOMAIN} validation heads with their brain tissues "
+                  "in an order no training domain has (darkest first; g grey matter, c CSF, w white matter):", "",
+                  "| method | " + " | ".join(heads.BENCH_NOVEL_STYLES) + " |",
+                  "|" + "---|" * (len(heads.BENCH_NOVEL_STYLES) + 1)]
+        lines += [f"| {label} | " + " | ".join(f"{100 * row[d]['mean']:.1f} ± {100 * row[d]['sd']:.1f}"
+                                              for d in heads.BENCH_NOVEL_STYLES) + " |" for label, row in novel.items()]
     gates = {label: {d: row[d]["gate"] for d in heads.BENCH_TRAIN_DOMAINS if d in row and "gate" in row[d]}
              for label, row in summary.items()}
     gates = {k: v for k, v in gates.items() if v}
@@ -386,6 +414,11 @@ def check_targets(summary: dict) -> list[str]:
         a, b = mean(base, unseen), mean(base + "+GIN", unseen)
         if a is not None and b is not None:
             lines.append(f"- {'PASS' if b > a else 'FAIL'} GIN raises {base} on the unseen {unseen}: "
+                         f"{100 * a:.1f} -> {100 * b:.1f} ({100 * (b - a):+.1f})")
+    for base in ("uharmony", "joint", "separate"):
+        a, b = mean(base, NEW_ORDERS), mean(base + "+GIN", NEW_ORDERS)
+        if a is not None and b is not None:
+            lines.append(f"- {'PASS' if b > a else 'FAIL'} GIN raises {base} on the never-seen tissue orders: "
                          f"{100 * a:.1f} -> {100 * b:.1f} ({100 * (b - a):+.1f})")
     a, f, base = summary.get("adapted+GIN"), summary.get("from-start+GIN"), summary.get("uharmony+GIN")
     if a and f and base and unseen in a and unseen in f:

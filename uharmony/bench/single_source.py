@@ -59,7 +59,7 @@ def run_single_source(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 
                 if evaluate_with is None:
                     evaluate_with = G._evaluator(data, base["spacing_mm"], model.gate.downsample)
                 s = evaluate_with(model, "joint", tuple(base["patch_size"]))
-                scores = {d: s[d]["score"] for d in STYLES if d in s}
+                scores = {d: s[d]["score"] for d in (*STYLES, *heads.BENCH_NOVEL_STYLES) if d in s}
                 runs.setdefault(source, {}).setdefault(tag, {})[seed] = scores
                 print(f"[{time.time() - t0:6.0f} s] seed {seed} {source}{tag:<5} "
                       + " ".join(f"{d}={v:.3f}" for d, v in scores.items() if v is not None),
@@ -87,6 +87,9 @@ def summarise(runs: dict) -> dict:
                       for s in per_seed.values()]
             row["unseen"] = float(np.mean(others))
             row["unseen_sd"] = float(np.std(others, ddof=1)) if len(others) > 1 else 0.0
+            novel = [[s.get(d) for d in heads.BENCH_NOVEL_STYLES] for s in per_seed.values()]
+            if all(v is not None for seed in novel for v in seed):  # files before 2026-12-05 have none
+                row[G.NEW_ORDERS] = float(np.mean([np.mean(seed) for seed in novel]))
             out.setdefault(source, {})[tag] = row
     return out
 
@@ -111,13 +114,14 @@ def format_report(result: dict, *, quick: bool = False) -> str:
              f"{' (QUICK smoke run: not meaningful)' if quick else ''}; {result['minutes']:.1f} min in all",
              *G.gin_options_line(result.get("gin_options")), "",
              "| trained on | " + " | ".join(d + (" (held back)" if d == heads.BENCH_UNSEEN_DOMAIN else "")
-                                         for d in STYLES) + " | mean on never-seen styles |",
-             "|" + "---|" * (len(STYLES) + 2)]
+                                         for d in STYLES) + f" | mean on never-seen styles | {G.NEW_ORDERS} |",
+             "|" + "---|" * (len(STYLES) + 3)]
     for source, arms in summary.items():
         for tag, row in arms.items():
             cells = [("n/a" if d not in row else f"{100 * row[d]:.1f}") + (" (own)" if d == source else "")
                      for d in STYLES]
             cells.append(f"{100 * row['unseen']:.1f} ± {100 * row['unseen_sd']:.1f}")
+            cells.append(f"{100 * row[G.NEW_ORDERS]:.1f}" if G.NEW_ORDERS in row else "n/a")
             lines.append(f"| {source}{tag} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\ntargets:\n" + check_target(summary)
 

@@ -269,12 +269,32 @@ _RANDOM_CONTRAST_SPEC = {"modality": "mri", "order": (),
                          "variants": [(0.3, "bright bone", {"skull": (2.0, 30.0), "marrow": (1.0, 10.0)})]}
 
 
+def _novel_order(order: tuple[str, str, str]) -> dict:
+    """FLAIR's rendering with the three brain tissues in `order` (darkest first) at FLAIR's three levels."""
+    ranges = dict(DOMAINS["mri-flair"]["ranges"])
+    ranges.update(zip(order, [(0.05, 0.20), (0.38, 0.55), (0.62, 0.80)]))
+    return {"modality": "mri", "order": order, "ranges": ranges, "variants": []}
+
+
+# Not domains either: evaluation styles whose brain-tissue order (darkest first; g grey matter, c CSF,
+# w white matter) no training domain of the benchmark has (T1 c<g<w, T2 w<g<c, CT and FLAIR c<w<g).
+# A network that tells tissue only by intensity must fail on them; GIN's promise is that it need not.
+NOVEL_ORDER_STYLES: dict[str, dict] = {
+    "order-gcw": _novel_order(("grey", "csf", "white")),
+    "order-gwc": _novel_order(("grey", "white", "csf")),
+    "order-wcg": _novel_order(("white", "csf", "grey")),
+}
+
+
 def _spec(domain: str) -> dict:
-    return _RANDOM_CONTRAST_SPEC if domain == RANDOM_CONTRAST else DOMAINS[domain]
+    if domain == RANDOM_CONTRAST:
+        return _RANDOM_CONTRAST_SPEC
+    return NOVEL_ORDER_STYLES[domain] if domain in NOVEL_ORDER_STYLES else DOMAINS[domain]
 
 
 BENCH_TRAIN_DOMAINS = ("mri-t1", "mri-t2", "ct")  # `uharmony bench generalize` trains on these
 BENCH_UNSEEN_DOMAIN = "mri-flair"  # ... and tests on this one, never trained on
+BENCH_NOVEL_STYLES = tuple(NOVEL_ORDER_STYLES)  # ... and on these, on the unseen domain's anatomy
 
 
 def _means(rng, domain: str, for_gate: bool = False) -> tuple[np.ndarray, str]:
@@ -363,15 +383,20 @@ def case_seed(domain: str, index: int, base: int) -> int:
 
 
 def write_dataset(out: Path, domain: str, *, n_train: int, n_val: int, base_seed: int = 0,
-                  spacing: float = SPACING_MM, atlas=None, progress=None, for_gate: bool = False) -> Path:
-    """Render `n_train + n_val` heads of one domain into `out/<domain>/`; return its dataset.json."""
+                  spacing: float = SPACING_MM, atlas=None, progress=None, for_gate: bool = False,
+                  seeds: list[int] | None = None) -> Path:
+    """Render `n_train + n_val` heads of one domain into `out/<domain>/`; return its dataset.json.
+
+    ``seeds``: the heads' anatomy seeds (say, another domain's `case_seed`s), instead of this domain's own."""
     atlas = atlas if atlas is not None else build_atlas()
     root = Path(out) / domain
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "labels").mkdir(parents=True, exist_ok=True)
     entries, variants = [], {}
+    if seeds is not None and len(seeds) != n_train + n_val:
+        raise ValueError(f"{len(seeds)} anatomy seeds for {n_train + n_val} heads")
     for i in range(n_train + n_val):
-        seed = case_seed(domain, i, base_seed)
+        seed = seeds[i] if seeds is not None else case_seed(domain, i, base_seed)
         name = f"{domain}_{seed:06d}.nii.gz"
         img_p, lab_p = root / "images" / name, root / "labels" / name
         if not (img_p.is_file() and lab_p.is_file()):
