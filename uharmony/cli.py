@@ -133,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "benchmark's data and budget; bytes and round overhead of a real Flower run (~15 min "
                                     "on 2 cores with --central-json)")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    q.add_argument("--rounds", type=int, default=None, help="federated rounds (default 12; quick 2); local steps "
-                                                            "per round = steps / (3 sites x rounds)")
+    q.add_argument("--rounds", type=int, default=None, help="federated rounds (default 24; quick 2); local steps "
+                                                            "per round = steps x 2 / (3 sites x rounds x site batch): "
+                                                            "each site trains its domain's centralized patches")
+    q.add_argument("--site-batch", type=int, default=None,
+                   help="patches per local step at a site (default 1; the centralized arm keeps the budget's 2)")
     q.add_argument("--steps", type=int, default=None,
                    help="the centralized budget (default 1000, generalize's: --central-json then reuses a default "
                         "`bench generalize` run)")
@@ -354,7 +357,7 @@ def _dispatch(args, reporter: Reporter) -> int:
                                         gin=GIN_SETTINGS[args.gin], gin_options=gin_options)
         if args.bench_command == "fed":
             from uharmony.bench.fed import print_from_json as fed_from_json
-            from uharmony.bench.fed import run_bench_fed
+            from uharmony.bench.fed import ROUNDS, SITE_BATCH, run_bench_fed
             from uharmony.bench.generalize import DEFAULT_STEPS
 
             if args.from_json:
@@ -365,7 +368,8 @@ def _dispatch(args, reporter: Reporter) -> int:
             q = args.quick
             gin_options = parse_gin_options(args.gin_option)
             return run_bench_fed(work=args.work, seeds=tuple(args.seeds), quick=q, json_path=args.json,
-                                 rounds=args.rounds or (2 if q else 12), steps=args.steps or (6 if q else DEFAULT_STEPS),
+                                 rounds=args.rounds or (2 if q else ROUNDS), steps=args.steps or (6 if q else DEFAULT_STEPS),
+                                 site_batch=args.site_batch or SITE_BATCH,
                                  train_cases=args.cases or (2 if q else 12), val_cases=1 if q else 3,
                                  central_json=args.central_json, workers=_workers(args.workers),
                                  arms=("central", "federated") if args.arm == "both" else (args.arm,),

@@ -97,13 +97,15 @@ def test_bench_fed_jobs_one_per_arm_seed_and_gin_setting(tmp_path):
     from uharmony.bench.fed import arm_jobs
 
     todo = [(arm, seed, gin) for arm in ("central", "federated") for seed in (0, 1) for gin in (False, True)]
-    jobs = arm_jobs(tmp_path, todo, steps=500, rounds=12, train_cases=12, quick=False, parts=tmp_path / "parts")
+    jobs = arm_jobs(tmp_path, todo, steps=500, rounds=12, site_batch=1, train_cases=12, quick=False,
+                    parts=tmp_path / "parts")
     assert len({j.name for j in jobs}) == 8
     for j, (arm, seed, gin) in zip(jobs, todo):
         a = j.args
         assert a[:2] == ["bench", "fed"] and a[a.index("--workers") + 1] == "1"
         assert a[a.index("--flower-rounds") + 1] == "0" and a[a.index("--arm") + 1] == arm
         assert a[a.index("--seeds") + 1] == str(seed) and a[a.index("--gin") + 1] == ("on" if gin else "off")
+        assert a[a.index("--rounds") + 1] == "12" and a[a.index("--site-batch") + 1] == "1"  # the parent's plan
         assert a[a.index("--json") + 1] == str(tmp_path / "parts" / f"{j.name}.json")
     first = max(jobs, key=lambda j: j.cost)  # `run_jobs` starts the costliest first
     assert first.args[first.args.index("--arm") + 1] == "federated"

@@ -92,8 +92,12 @@ def test_json_scores_ratios_and_budget(bench):
     p = r["plan"]
     assert p["steps_per_site"] == p["rounds"] * p["local_steps"]
     assert p["fed_steps_total"] == 3 * p["steps_per_site"]
-    assert abs(p["fed_steps_total"] - p["central_steps"]) <= 3 * p["rounds"] / 2  # rounding of local steps only
-    assert p["patches_per_domain_fed"] == pytest.approx(p["patches_per_domain_central"], rel=0.25)
+    # every site trains its domain's centralized patches, at 1 patch per local step (rounding of local steps only)
+    assert p["site_batch_size"] == 1 and p["batch_size"] == 2
+    assert p["patches_per_domain_fed"] == p["steps_per_site"] * p["site_batch_size"]
+    assert abs(p["patches_per_domain_fed"] - p["patches_per_domain_central"]) <= p["rounds"] / 2
+    fed = json.loads((bench["root"] / "work" / "fed" / "seed0" / "federated" / "fed.json").read_text())
+    assert fed["train"]["batch_size"] == 1 and fed["train"]["local_steps"] == p["local_steps"]
 
 
 def test_each_arm_ran_as_its_own_job_and_the_parts_were_merged(bench):

@@ -20,11 +20,12 @@ Two parts:
    benchmark's scale, as the end-to-end tests do (Testing/fed).
 
 Budget matching: the centralized model trains S steps of B patches, its domains drawn uniformly
-(each domain sees ~S*B/3 patches). A federated run has R rounds of L local steps at each of the 3
-sites, L = round(S / (3 R)): every site trains R*L ~ S/3 steps of B patches of its own domain, so
-the federation does 3*R*L ~ S optimiser steps in all and every domain sees as many patches as in
-centralized training (the warm-up + poly decay of the learning rate spans each site's R*L steps; the
-AdamW state restarts every round, as the ClientApp does).
+(each domain sees ~S*B/3 patches). A federated run has R rounds of L local steps of b patches at each
+of the 3 sites, L = round(S*B / (3 R b)): every site trains R*L*b ~ S*B/3 patches of its own domain, as
+many as its domain sees in centralized training (the warm-up + poly decay of the learning rate spans
+each site's R*L steps; the AdamW state restarts every round, as the ClientApp does). By default b = 1
+and R = 24 (B = 2): a site then makes 2/3 of the centralized optimiser steps instead of 1/3 at b = B,
+which closed most of the gap at 1000 steps (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -53,9 +54,15 @@ TARGET_RATIO = 0.95
 # ----------------------------------------------------------------------------------------- configs
 
 
-def local_steps(steps: int, rounds: int, sites: int = len(SITES)) -> int:
-    """Local steps per round so that every site trains ~steps/sites steps in all (see the module doc)."""
-    return max(1, round(steps / (sites * rounds)))
+SITE_BATCH = 1  # patches per local step (the centralized arm's batch is the budget's)
+ROUNDS = 24
+
+
+def local_steps(steps: int, rounds: int, central_batch: int, site_batch: int = SITE_BATCH,
+                sites: int = len(SITES)) -> int:
+    """Local steps per round so that every site trains as many patches of its domain as the centralized
+    arm's ``steps`` x ``central_batch`` hold of it (see the module doc)."""
+    return max(1, round(steps * central_batch / (sites * rounds * site_batch)))
 
 
 def central_config(base: dict, seed: int, gin: bool, gin_options: dict | None = None) -> dict:
@@ -64,7 +71,7 @@ def central_config(base: dict, seed: int, gin: bool, gin_options: dict | None = 
 
 
 def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed: int, gin: bool,
-               evaluate: bool = False, address: str = "127.0.0.1:9092", insecure: bool = False,
+               site_batch: int = SITE_BATCH, evaluate: bool = False, address: str = "127.0.0.1:9092", insecure: bool = False,
                pretrain: tuple[int, int] = (1500, 1800), gin_options: dict | None = None) -> dict:
     """A fed.toml (as a dict) with the benchmark's budget; `uharmony.fed.config` validates it. ``gin_options``:
     as `bench generalize`'s (the fed.toml `train` section has the same GIN/IPA keys as a config's `augment`)."""
@@ -76,7 +83,7 @@ def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed:
             "out": "federation", "insecure": insecure, "rounds": rounds, "min_sites": len(SITES),
             "start_sites": len(SITES), "round_timeout_s": 1800.0, "deadline_s": 3600.0, "aggregation": "uharmony",
             "evaluate": evaluate, "gate_pretrain_steps": pretrain[0], "gate_pretrain_views": pretrain[1],
-            "train": {"local_steps": local, "batch_size": base["batch_size"], "patch_size": list(base["patch_size"]),
+            "train": {"local_steps": local, "batch_size": site_batch, "patch_size": list(base["patch_size"]),
                       "spacing_mm": list(base["spacing_mm"]), "fg_prob": base.get("fg_prob", 0.67),
                       "lr": base["lr"], "seed": seed, "eval_cases": 1, **G.augment_section(gin, gin_options)},
             "model": effective_model(base),  # every ModelConfig key: the budget's, the rest the defaults
@@ -102,8 +109,8 @@ def encoder_ready(settings: dict, log) -> None:
         log(f"gate contrast encoder: {contrast_encoder_file(settings)}")
 
 
-def arm_jobs(root: Path, todo, *, steps: int, rounds: int, train_cases: int, quick: bool, parts: Path,
-             gin_options: dict | None = None) -> list:
+def arm_jobs(root: Path, todo, *, steps: int, rounds: int, site_batch: int, train_cases: int, quick: bool,
+             parts: Path, gin_options: dict | None = None) -> list:
     """One `uharmony bench fed --arm ARM --seeds S --gin on|off` command per (arm, seed, GIN setting), each
     writing parts/<name>.json (no real Flower run: the caller runs it once, alone, for its timings)."""
     from uharmony.bench.workers import Job
@@ -112,7 +119,7 @@ def arm_jobs(root: Path, todo, *, steps: int, rounds: int, train_cases: int, qui
     for arm, seed, gin in todo:
         name = f"seed{seed}-{arm}{'+GIN' if gin else ''}"
         args = ["bench", "fed", "--work", str(root), "--seeds", str(seed), "--steps", str(steps), "--rounds",
-                str(rounds), "--cases", str(train_cases), "--arm", arm, "--gin", "on" if gin else "off",
+                str(rounds), "--site-batch", str(site_batch), "--cases", str(train_cases), "--arm", arm, "--gin", "on" if gin else "off",
                 "--flower-rounds", "0", "--workers", "1", "--json", str(parts / f"{name}.json")]
         args += G.gin_option_args(gin_options)
         # one core, 1000 steps: a federated seed took 2.9-4.8 min, a centralized model 2.2-3.3 min
@@ -489,7 +496,8 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
 # ------------------------------------------------------------------------------ the benchmark
 
 
-def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12, steps: int = G.DEFAULT_STEPS,
+def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROUNDS, steps: int = G.DEFAULT_STEPS,
+                  site_batch: int = SITE_BATCH,
                   train_cases: int = 12, val_cases: int = 3, quick: bool = False, json_path: str | None = None,
                   central_json: str | None = None, flower_rounds: int = 2, flower_timeout: float = 600.0,
                   workers: int = 1, arms=("central", "federated"), gin=(False, True),
@@ -517,16 +525,16 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
     datalists = {d: data[d] for d in SITES}
     union, _ = union_label_space(load_datasets([str(datalists[d]) for d in SITES]))
     classes = list(union[1:])
-    local = local_steps(steps, rounds)
+    local = local_steps(steps, rounds, base["batch_size"], site_batch)
     patch = tuple(base["patch_size"])
     pretrain = (5, 12) if quick else (1500, 1800)  # the gate's contrast encoder (cached per gate shape)
     plan = {"central_steps": steps, "batch_size": base["batch_size"], "sites": len(SITES), "rounds": rounds,
-            "local_steps": local, "steps_per_site": rounds * local, "fed_steps_total": len(SITES) * rounds * local,
+            "site_batch_size": site_batch, "local_steps": local, "steps_per_site": rounds * local, "fed_steps_total": len(SITES) * rounds * local,
             "patches_per_domain_central": steps * base["batch_size"] / len(SITES),
-            "patches_per_domain_fed": rounds * local * base["batch_size"]}
+            "patches_per_domain_fed": rounds * local * site_batch}
     log(f"budget: centralized {steps} steps x {base['batch_size']} patches (domains uniform); federated "
-        f"{len(SITES)} sites x {rounds} rounds x {local} local steps = {plan['fed_steps_total']} steps "
-        f"({plan['steps_per_site']} per site)")
+        f"{len(SITES)} sites x {rounds} rounds x {local} local steps x {site_batch} patches = "
+        f"{plan['fed_steps_total']} steps ({plan['steps_per_site']} per site)")
     results: dict[str, dict[int, dict]] = {}
     extra: dict = {"central_source": None, "fed_runs": {}, "flower": None}
     evaluate_with = None
@@ -561,7 +569,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         if not probe:
             probe.update(write_fed_config(root / "fed" / "arch-check", fed_config(
                 base, classes=classes, rounds=rounds, local=local, seed=seeds[0], gin=True, pretrain=pretrain,
-                gin_options=gin_options)).to_dict())
+                gin_options=gin_options, site_batch=site_batch)).to_dict())
         return probe
 
     # -- centralized arm: reused when it can be (it then needs both GIN settings of every seed)
@@ -584,8 +592,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         if any(arm == "federated" for arm, _, _ in todo):  # pretrain the gate's encoder once, not in every job
             encoder_ready(fed_settings(), log)
         parts = root / "fed" / "parts"
-        jobs = arm_jobs(root, todo, steps=steps, rounds=rounds, train_cases=train_cases, quick=quick, parts=parts,
-                        gin_options=gin_options)
+        jobs = arm_jobs(root, todo, steps=steps, rounds=rounds, site_batch=site_batch, train_cases=train_cases,
+                        quick=quick, parts=parts, gin_options=gin_options)
         for job in jobs:
             (parts / f"{job.name}.json").unlink(missing_ok=True)  # a file left by an earlier run is not this run's
         log(f"{len(jobs)} single-threaded jobs, {workers} at a time (logs in {parts})")
@@ -619,7 +627,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
         folder = root / "fed" / f"seed{seed}" / ("federated" + tag)
         log(f"seed {seed} federated{tag}: {rounds} rounds x {local} local steps at {len(SITES)} sites (in-process)")
         cfg = fed_config(base, classes=classes, rounds=rounds, local=local, seed=seed, gin=g, pretrain=pretrain,
-                         gin_options=gin_options)
+                         gin_options=gin_options, site_batch=site_batch)
         run = run_federation_inprocess(cfg, datalists, folder, log=log)
         model, _ = load_model(run["out"])
         expected = {d: site_array_bytes(model, d) for d in SITES}
@@ -638,7 +646,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = 12,
     if flower_rounds > 0 and "federated" in arms:
         log(f"real Flower run: {flower_rounds} round(s) x {local} local steps, 3 sites, TLS + keys on 127.0.0.1")
         cfg = fed_config(base, classes=classes, rounds=flower_rounds, local=local, seed=seeds[0], gin=True,
-                         pretrain=pretrain, gin_options=gin_options)
+                         pretrain=pretrain, gin_options=gin_options, site_batch=site_batch)
         extra["flower"] = run_flower(cfg, datalists, root / "fed" / "flower-run", timeout=flower_timeout, log=log)
         if not extra["flower"]["ok"]:
             log(f"the real Flower run failed: {extra['flower'].get('error', '')[:400]}")
@@ -712,7 +720,8 @@ def format_report(doc: dict) -> str:
              f"{'QUICK smoke run, not meaningful; ' if doc.get('quick') else ''}{doc['minutes']:.1f} min in all"),
              (f"centralized: {plan['central_steps']} steps x {plan['batch_size']} patches ({doc['central_source']}); "
              f"federated (in-process: real ServerApp strategy + ClientApp, no transport): {plan['sites']} sites x "
-             f"{plan['rounds']} rounds x {plan['local_steps']} local steps = {plan['fed_steps_total']} steps"),
+             f"{plan['rounds']} rounds x {plan['local_steps']} local steps x {plan.get('site_batch_size', plan['batch_size'])} "
+             f"patches = {plan['fed_steps_total']} steps"),
              *G.gin_options_line(doc.get("gin_options")),
              "",
              "| arm | " + " | ".join(d + (" (unseen)" if d == UNSEEN else "") for d in doms) + " | mean of trained |",
