@@ -21,6 +21,7 @@ import pytest
 
 SITES = ("mri-t1", "mri-t2", "ct")
 UNSEEN = "mri-flair"
+NOVEL = ("order-gcw", "order-gwc", "order-wcg")  # the unseen style's heads in tissue orders no site has
 LABELS = ("centralized", "federated", "centralized+GIN", "federated+GIN")
 ORACLE = ("centralized-oracle", "federated-oracle", "centralized-oracle+GIN", "federated-oracle+GIN")
 
@@ -62,17 +63,21 @@ def test_report_table_and_targets(bench):
     out = bench["stdout"]
     header = next(x for x in out.splitlines() if x.startswith("| arm |"))
     assert all(d in header for d in (*SITES, UNSEEN)) and "(unseen)" in header
+    assert "| new tissue orders (unseen, mean of 3) |" in header
     rows = {x.split("|")[1].strip(): x for x in out.splitlines() if x.startswith("| ")}
     for label in (*LABELS, "**fed/central**", "**fed/central+GIN**"):
         assert label in rows, out
-        assert rows[label].count("|") == 7  # arm + 4 domains + mean of trained
+        assert rows[label].count("|") == 8  # arm + 4 domains + the new tissue orders + mean of trained
+        assert label.startswith("**") or "n/a" not in rows[label]  # (a ratio over a zero Dice is n/a)
     for label in (*ORACLE, "**fed/central-oracle**", "**fed/central-oracle+GIN**"):
         assert rows[label].count("|") == 6  # arm + 3 trained domains + mean of trained
     targets = out[out.index("targets:"):].splitlines()[1:]
     verdicts = [x.split()[1] for x in targets if x.startswith("- ")]
-    assert len(verdicts) == 6 and all(v in ("PASS", "FAIL") for v in verdicts[:3])
-    assert verdicts[3:] == ["info:"] * 3
-    assert "95 %" in targets[0] and "unseen mri-flair" in targets[2] and "oracle" in targets[4]
+    assert len(verdicts) == 8 and [v in ("PASS", "FAIL") for v in verdicts] == [True] * 3 + [False, True] + [False] * 3
+    assert set(verdicts[i] for i in (3, 5, 6, 7)) == {"info:"}
+    assert "95 %" in targets[0] and "unseen mri-flair (federated)" in targets[2]
+    assert "never-seen tissue orders (federated)" in targets[4] and "(centralized)" in targets[5]
+    assert "oracle" in targets[6]
 
 
 def test_json_scores_ratios_and_budget(bench):
@@ -81,7 +86,7 @@ def test_json_scores_ratios_and_budget(bench):
     assert set(r["runs"]) == set(LABELS) | set(ORACLE)
     for label in (*LABELS, *ORACLE):
         scores = r["runs"][label]["0"]
-        assert set(scores) == ({*SITES, UNSEEN} if label in LABELS else set(SITES))  # no true domain for unseen
+        assert set(scores) == ({*SITES, UNSEEN, *NOVEL} if label in LABELS else set(SITES))  # no true domain for unseen
         for d in scores:
             assert 0.0 <= scores[d]["score"] <= 1.0
     for tag, key, doms in (("", "no-gin", (*SITES, UNSEEN)), ("+GIN", "gin", (*SITES, UNSEEN)),
@@ -89,6 +94,10 @@ def test_json_scores_ratios_and_budget(bench):
         for d in doms:
             want = r["runs"]["federated" + tag]["0"][d]["score"] / r["runs"]["centralized" + tag]["0"][d]["score"]
             assert r["ratios"][key][d] == pytest.approx(want)
+    for tag, key in (("", "no-gin"), ("+GIN", "gin")):  # the new orders: the ratio of their means (one seed)
+        f, c = (np.mean([r["runs"][arm + tag]["0"][o]["score"] for o in NOVEL]) for arm in ("federated", "centralized"))
+        assert r["summary"]["federated" + tag]["new tissue orders"]["mean"] == pytest.approx(f)
+        assert r["ratios"][key]["new tissue orders"] == pytest.approx(f / c)
     p = r["plan"]
     assert p["steps_per_site"] == p["rounds"] * p["local_steps"]
     assert p["fed_steps_total"] == 3 * p["steps_per_site"]
@@ -245,7 +254,8 @@ def test_central_results_are_reused_only_when_they_are_the_same_runs(bench, tmp_
     with pytest.raises(ValueError, match="card.json is missing"):
         reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists)
     # the centralized models this run trained have generalize's config: where generalize keeps them, they are reused
-    fake["runs"] = {"uharmony": {"0": {"mri-t1": {"score": 0.5}}}, "uharmony+GIN": {"0": {"mri-t1": {"score": 0.6}}},
+    fake["runs"] = {"uharmony": {"0": {"mri-t1": {"score": 0.5}, "order-gcw": {"score": 0.2}, "order-x": {"score": 0.1}}},
+                    "uharmony+GIN": {"0": {"mri-t1": {"score": 0.6}}},
                     "oracle": {"0": {"mri-t1": {"score": 0.7}}}}
     (tmp_path / "g.json").write_text(json.dumps(fake))
     for tag in ("", "+GIN"):
@@ -256,7 +266,8 @@ def test_central_results_are_reused_only_when_they_are_the_same_runs(bench, tmp_
     with pytest.raises(ValueError, match="uharmony\\+GIN/card.json: trained with another config"):
         reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists)  # without it: other models
     got = reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists, gin_options=opts)
-    assert got == {"centralized": {0: {"mri-t1": {"score": 0.5}}}, "centralized+GIN": {0: {"mri-t1": {"score": 0.6}}},
+    assert got == {"centralized": {0: {"mri-t1": {"score": 0.5}, "order-gcw": {"score": 0.2}}},  # what it scores
+                   "centralized+GIN": {0: {"mri-t1": {"score": 0.6}}},
                    "centralized-oracle": {0: {"mri-t1": {"score": 0.7}}}}  # the same models routed by the true domain
     assert reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists, card["architecture"], opts) == got
     with pytest.raises(ValueError, match="another architecture"):

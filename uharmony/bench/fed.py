@@ -2,7 +2,8 @@
 
 Data, budget, seeds and scoring are those of `uharmony bench generalize` (`uharmony.bench.generalize`):
 atlas-based heads rendered as mri-t1, mri-t2 and ct (the three sites, one style each) and the unseen
-mri-flair; the same reduced budget (`generalize.budget`); every model scored by the same evaluator
+mri-flair, whose validation heads are also scored in the three brain-tissue orders no site has (generalize's
+"new tissue orders" column: the styles GIN is for); the same reduced budget (`generalize.budget`); every model scored by the same evaluator
 (mean Dice of CSF, GM and WM per case on the same validation cases, routed by the gate).
 
 Two parts:
@@ -47,7 +48,9 @@ from uharmony.data.io import write_json
 
 SITES = tuple(heads.BENCH_TRAIN_DOMAINS)  # one site per training style
 UNSEEN = heads.BENCH_UNSEEN_DOMAIN
-STYLES = (*SITES, UNSEEN)  # what this benchmark scores (not generalize's never-seen tissue orders)
+STYLES = (*SITES, UNSEEN)
+NOVEL = tuple(heads.BENCH_NOVEL_STYLES)  # the unseen style's heads in tissue orders no site has (as generalize's)
+SCORED = (*STYLES, *NOVEL)  # what each model routed by its gate is scored on
 TARGET_RATIO = 0.95
 
 
@@ -486,7 +489,7 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
                 raise ValueError(f"{card_path}: trained on other datalists than {[str(datalists[d]) for d in SITES]}")
             tag = "+GIN" if gin else ""
             scores = runs.get(str(seed), runs.get(seed))
-            out.setdefault("centralized" + tag, {})[seed] = {d: v for d, v in scores.items() if d in STYLES}
+            out.setdefault("centralized" + tag, {})[seed] = {d: v for d, v in scores.items() if d in SCORED}
             oracle = r.get("runs", {}).get("oracle" + tag, {})  # the same model, routed by the true domain
             if str(seed) in oracle or seed in oracle:
                 out.setdefault("centralized-oracle" + tag, {})[seed] = oracle.get(str(seed), oracle.get(seed))
@@ -533,7 +536,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
             "patches_per_domain_central": steps * base["batch_size"] / len(SITES),
             "patches_per_domain_fed": rounds * local * site_batch}
     log(f"budget: centralized {steps} steps x {base['batch_size']} patches (domains uniform); federated "
-        f"{len(SITES)} sites x {rounds} rounds x {local} local steps x {site_batch} patches = "
+        f"{len(SITES)} sites x {rounds} rounds x {local} local steps of {site_batch} patch{'es' * (site_batch != 1)} = "
         f"{plan['fed_steps_total']} steps ({plan['steps_per_site']} per site)")
     results: dict[str, dict[int, dict]] = {}
     extra: dict = {"central_source": None, "fed_runs": {}, "flower": None}
@@ -620,7 +623,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
             run_train([str(datalists[d]) for d in SITES], str(out), str(cfg_path), overwrite=True, reporter=rep,
                       argv=["bench", "fed"])
             model, _ = load_model(out)
-            record("centralized" + tag, seed, evaluator(model)(model, "auto", patch, only=STYLES))
+            record("centralized" + tag, seed, evaluator(model)(model, "auto", patch, only=SCORED))
             record("centralized-oracle" + tag, seed, evaluator(model)(model, "oracle", patch, only=SITES))
             save(partial=True)
             continue
@@ -635,7 +638,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
                                                  "seconds": run["seconds"],
                                                  "rejected": [x for e in run["rounds"] for x in e["rejected"]],
                                                  "round_seconds": [e["seconds"]["round"] for e in run["rounds"]]}
-        record("federated" + tag, seed, evaluator(model)(model, "auto", patch, only=STYLES))
+        record("federated" + tag, seed, evaluator(model)(model, "auto", patch, only=SCORED))
         # the same model routed by the true domain: separates the gate's routing from the segmentation
         record("federated-oracle" + tag, seed, evaluator(model)(model, "oracle", patch, only=SITES))
         save(partial=True)
@@ -665,7 +668,8 @@ def ratios(summary: dict) -> dict:
         c, f = summary.get("centralized" + oracle + tag), summary.get("federated" + oracle + tag)
         if not c or not f:
             continue
-        row = {d: f[d]["mean"] / c[d]["mean"] for d in (*SITES, UNSEEN) if d in c and d in f and c[d]["mean"]}
+        row = {d: f[d]["mean"] / c[d]["mean"] for d in (*SITES, UNSEEN, G.NEW_ORDERS)
+               if d in c and d in f and c[d]["mean"]}
         trained_c = [c[d]["mean"] for d in SITES if d in c]
         trained_f = [f[d]["mean"] for d in SITES if d in f]
         if len(trained_c) == len(SITES) and len(trained_f) == len(SITES):
@@ -697,14 +701,14 @@ def check_targets(summary: dict) -> list[str]:
                          " on every trained domain: " + ", ".join(f"{d} {100 * row[d]:.0f} %" for d in SITES if d in row)
                          + (f" (mean of trained {100 * row['mean of trained']:.0f} %" if "mean of trained" in row else "")
                          + (f"; unseen {UNSEEN} {100 * row[UNSEEN]:.0f} %, not a criterion)" if UNSEEN in row else ")"))
-    for arm in ("federated", "centralized"):
-        a = summary.get(arm, {}).get(UNSEEN, {}).get("mean")
-        b = summary.get(arm + "+GIN", {}).get(UNSEEN, {}).get("mean")
-        if a is not None and b is not None:
-            target = arm == "federated"
-            verdict = ("PASS" if b > a else "FAIL") if target else "info:"
-            lines.append(f"- {verdict} GIN ahead of no-GIN on the unseen {UNSEEN} ({arm}): "
-                         f"{100 * a:.1f} -> {100 * b:.1f} ({100 * (b - a):+.1f})")
+    for style, name in ((UNSEEN, f"the unseen {UNSEEN}"), (G.NEW_ORDERS, "the never-seen tissue orders")):
+        for arm in ("federated", "centralized"):
+            a = summary.get(arm, {}).get(style, {}).get("mean")
+            b = summary.get(arm + "+GIN", {}).get(style, {}).get("mean")
+            if a is not None and b is not None:
+                verdict = ("PASS" if b > a else "FAIL") if arm == "federated" else "info:"
+                lines.append(f"- {verdict} GIN ahead of no-GIN on {name} ({arm}): "
+                             f"{100 * a:.1f} -> {100 * b:.1f} ({100 * (b - a):+.1f})")
     for tag, key in (("", "oracle-no-gin"), ("+GIN", "oracle-gin")):
         if key in r:
             lines.append(f"- info: routed by the true domain (oracle), federated{tag} / centralized{tag}: "
@@ -715,16 +719,18 @@ def check_targets(summary: dict) -> list[str]:
 
 def format_report(doc: dict) -> str:
     summary, plan = doc["summary"], doc["plan"]
-    doms = [*SITES, UNSEEN]
+    site_batch = plan.get("site_batch_size", plan["batch_size"])  # older files: sites trained the budget's batch
+    doms = [*SITES, UNSEEN, G.NEW_ORDERS]
+    unseen = {UNSEEN: " (unseen)", G.NEW_ORDERS: f" (unseen, mean of {len(NOVEL)})"}
     lines = [(f"Dice (mean of CSF, GM, WM; mean ± sd over seeds {', '.join(map(str, doc['seeds']))}), "
              f"{'QUICK smoke run, not meaningful; ' if doc.get('quick') else ''}{doc['minutes']:.1f} min in all"),
              (f"centralized: {plan['central_steps']} steps x {plan['batch_size']} patches ({doc['central_source']}); "
              f"federated (in-process: real ServerApp strategy + ClientApp, no transport): {plan['sites']} sites x "
-             f"{plan['rounds']} rounds x {plan['local_steps']} local steps x {plan.get('site_batch_size', plan['batch_size'])} "
-             f"patches = {plan['fed_steps_total']} steps"),
+             f"{plan['rounds']} rounds x {plan['local_steps']} local steps of {site_batch} patch{'es' * (site_batch != 1)} "
+             f"= {plan['fed_steps_total']} steps"),
              *G.gin_options_line(doc.get("gin_options")),
              "",
-             "| arm | " + " | ".join(d + (" (unseen)" if d == UNSEEN else "") for d in doms) + " | mean of trained |",
+             "| arm | " + " | ".join(d + unseen.get(d, "") for d in doms) + " | mean of trained |",
              "|" + "---|" * (len(doms) + 2)]
     r = doc["ratios"]
     for tag, key in (("", "no-gin"), ("+GIN", "gin")):
