@@ -278,6 +278,13 @@ def _workers(n: int) -> int:
     return n or (os.cpu_count() or 1)
 
 
+def _at_least_one(value, flag: str) -> int | None:
+    """An optional count argument (None: the default) that must be >= 1."""
+    if value is not None and value < 1:
+        raise UHarmonyError(f"{flag} must be >= 1", code=ExitCode.USAGE)
+    return value
+
+
 def _dispatch(args, reporter: Reporter) -> int:
     if args.command == "segment":
         return _segment(args, reporter)
@@ -368,8 +375,9 @@ def _dispatch(args, reporter: Reporter) -> int:
             q = args.quick
             gin_options = parse_gin_options(args.gin_option)
             return run_bench_fed(work=args.work, seeds=tuple(args.seeds), quick=q, json_path=args.json,
-                                 rounds=args.rounds or (2 if q else ROUNDS), steps=args.steps or (6 if q else DEFAULT_STEPS),
-                                 site_batch=args.site_batch or SITE_BATCH,
+                                 rounds=_at_least_one(args.rounds, "--rounds") or (2 if q else ROUNDS),
+                                 site_batch=_at_least_one(args.site_batch, "--site-batch") or SITE_BATCH,
+                                 steps=args.steps or (6 if q else DEFAULT_STEPS),
                                  train_cases=args.cases or (2 if q else 12), val_cases=1 if q else 3,
                                  central_json=args.central_json, workers=_workers(args.workers),
                                  arms=("central", "federated") if args.arm == "both" else (args.arm,),

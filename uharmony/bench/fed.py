@@ -2,9 +2,10 @@
 
 Data, budget, seeds and scoring are those of `uharmony bench generalize` (`uharmony.bench.generalize`):
 atlas-based heads rendered as mri-t1, mri-t2 and ct (the three sites, one style each) and the unseen
-mri-flair, whose validation heads are also scored in the three brain-tissue orders no site has (generalize's
-"new tissue orders" column: the styles GIN is for); the same reduced budget (`generalize.budget`); every model scored by the same evaluator
-(mean Dice of CSF, GM and WM per case on the same validation cases, routed by the gate).
+mri-flair, whose validation heads are also scored in the three brain-tissue orders no site has
+(generalize's "new tissue orders" column: the styles GIN is for); the same reduced budget
+(`generalize.budget`); every model scored by the same evaluator (mean Dice of CSF, GM and WM per case
+on the same validation cases, routed by the gate).
 
 Two parts:
 
@@ -74,7 +75,8 @@ def central_config(base: dict, seed: int, gin: bool, gin_options: dict | None = 
 
 
 def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed: int, gin: bool,
-               site_batch: int = SITE_BATCH, evaluate: bool = False, address: str = "127.0.0.1:9092", insecure: bool = False,
+               site_batch: int = SITE_BATCH, evaluate: bool = False, address: str = "127.0.0.1:9092",
+               insecure: bool = False,
                pretrain: tuple[int, int] = (1500, 1800), gin_options: dict | None = None) -> dict:
     """A fed.toml (as a dict) with the benchmark's budget; `uharmony.fed.config` validates it. ``gin_options``:
     as `bench generalize`'s (the fed.toml `train` section has the same GIN/IPA keys as a config's `augment`)."""
@@ -122,11 +124,12 @@ def arm_jobs(root: Path, todo, *, steps: int, rounds: int, site_batch: int, trai
     for arm, seed, gin in todo:
         name = f"seed{seed}-{arm}{'+GIN' if gin else ''}"
         args = ["bench", "fed", "--work", str(root), "--seeds", str(seed), "--steps", str(steps), "--rounds",
-                str(rounds), "--site-batch", str(site_batch), "--cases", str(train_cases), "--arm", arm, "--gin", "on" if gin else "off",
-                "--flower-rounds", "0", "--workers", "1", "--json", str(parts / f"{name}.json")]
+                str(rounds), "--site-batch", str(site_batch), "--cases", str(train_cases), "--arm", arm,
+                "--gin", "on" if gin else "off", "--flower-rounds", "0", "--workers", "1",
+                "--json", str(parts / f"{name}.json")]
         args += G.gin_option_args(gin_options)
-        # one core, 1000 steps: a federated seed took 2.9-4.8 min, a centralized model 2.2-3.3 min
-        jobs.append(Job(name, args + (["--quick"] if quick else []), cost=1.3 if arm == "federated" else 1.0))
+        # one core, 1000 steps: a federated seed took 5.2-5.4 min (24 x 28 of 1 patch), a centralized model 2-3
+        jobs.append(Job(name, args + (["--quick"] if quick else []), cost=2.0 if arm == "federated" else 1.0))
     return jobs
 
 
@@ -532,7 +535,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
     patch = tuple(base["patch_size"])
     pretrain = (5, 12) if quick else (1500, 1800)  # the gate's contrast encoder (cached per gate shape)
     plan = {"central_steps": steps, "batch_size": base["batch_size"], "sites": len(SITES), "rounds": rounds,
-            "site_batch_size": site_batch, "local_steps": local, "steps_per_site": rounds * local, "fed_steps_total": len(SITES) * rounds * local,
+            "site_batch_size": site_batch, "local_steps": local, "steps_per_site": rounds * local,
+            "fed_steps_total": len(SITES) * rounds * local,
             "patches_per_domain_central": steps * base["batch_size"] / len(SITES),
             "patches_per_domain_fed": rounds * local * site_batch}
     log(f"budget: centralized {steps} steps x {base['batch_size']} patches (domains uniform); federated "
@@ -726,8 +730,8 @@ def format_report(doc: dict) -> str:
              f"{'QUICK smoke run, not meaningful; ' if doc.get('quick') else ''}{doc['minutes']:.1f} min in all"),
              (f"centralized: {plan['central_steps']} steps x {plan['batch_size']} patches ({doc['central_source']}); "
              f"federated (in-process: real ServerApp strategy + ClientApp, no transport): {plan['sites']} sites x "
-             f"{plan['rounds']} rounds x {plan['local_steps']} local steps of {site_batch} patch{'es' * (site_batch != 1)} "
-             f"= {plan['fed_steps_total']} steps"),
+             f"{plan['rounds']} rounds x {plan['local_steps']} local steps of {site_batch} "
+             f"patch{'es' * (site_batch != 1)} = {plan['fed_steps_total']} steps"),
              *G.gin_options_line(doc.get("gin_options")),
              "",
              "| arm | " + " | ".join(d + unseen.get(d, "") for d in doms) + " | mean of trained |",
