@@ -133,3 +133,9 @@ def test_the_new_tissue_orders_column_is_the_per_seed_mean_and_has_its_gin_targe
     assert "| joint | 80.0 ± 0.0 | 80.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 30.0 ± 14.1 | 73.3 |" in table
     assert "| separate | 70.0 ± 0.0 | n/a | n/a | 30.0 ± 0.0 | n/a | 70.0 |" in table
     assert "| joint+GIN | 50.0 ± 14.1 | 40.0 ± 14.1 | 30.0 ± 14.1 |" in table
+    # a seed of an older file (no orders) merged in: a cell over fewer seeds than its row says how many
+    runs["joint"]["2"] = {k: v for k, v in seed(0.5, (0.0, 0.0, 0.0)).items() if not k.startswith("order-")}
+    table = G.format_table(G.summarise(runs), seeds=[0, 1, 2], steps=10, quick=False, minutes=1.0)
+    assert "| joint | 80.0 ± 0.0 | 80.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 30.0 ± 14.1 (n=2) | 73.3 |" in table
+    assert "| joint | 40.0 ± 14.1 (n=2) | 30.0 ± 14.1 (n=2) | 20.0 ± 14.1 (n=2) |" in table
+    assert "| joint+GIN | 80.0 ± 0.0 | 80.0 ± 0.0 | 60.0 ± 0.0 | 40.0 ± 0.0 | 40.0 ± 14.1 | 73.3 |" in table

@@ -742,7 +742,7 @@ def format_report(doc: dict) -> str:
             row = summary.get(arm + tag)
             if not row:
                 continue
-            cells = [("n/a" if d not in row else f"{100 * row[d]['mean']:.1f} ± {100 * row[d]['sd']:.1f}") for d in doms]
+            cells = [G.cell(row, d) for d in doms]
             trained = [row[d]["mean"] for d in SITES if d in row]
             cells.append(f"{100 * np.mean(trained):.1f}" if trained else "n/a")
             lines.append(f"| {arm}{tag} | " + " | ".join(cells) + " |")
@@ -757,8 +757,7 @@ def format_report(doc: dict) -> str:
             for arm in ("centralized", "federated"):
                 row = summary.get(f"{arm}-oracle{tag}")
                 if row:
-                    cells = [f"{100 * row[d]['mean']:.1f} ± {100 * row[d]['sd']:.1f}" if d in row else "n/a"
-                             for d in SITES]
+                    cells = [G.cell(row, d) for d in SITES]
                     cells.append(f"{100 * np.mean([row[d]['mean'] for d in SITES if d in row]):.1f}")
                     lines.append(f"| {arm}-oracle{tag} | " + " | ".join(cells) + " |")
             if key in r:

@@ -357,6 +357,16 @@ def report(summary: dict, *, seeds, steps: int, quick: bool, minutes: float, not
     return table + (f"\n{note}" if note else "") + "\n\n" + "\n".join(check_targets(summary))
 
 
+def cell(row: dict, d: str) -> str:
+    """A table cell: mean ± sd over seeds x 100, with the seed count when fewer seeds than its row's most have it
+    (files merged by --from-json may predate a column), n/a when none has."""
+    c = row.get(d)
+    if c is None:
+        return "n/a"
+    most = max(v.get("n", 0) for v in row.values())
+    return f"{100 * c['mean']:.1f} ± {100 * c['sd']:.1f}" + (f" (n={c['n']})" if c.get("n", most) < most else "")
+
+
 def format_table(summary: dict, *, seeds, steps: int, quick: bool, minutes: float) -> str:
     doms = [*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN, NEW_ORDERS]
     unseen = {heads.BENCH_UNSEEN_DOMAIN: " (unseen)", NEW_ORDERS: f" (unseen, mean of {len(heads.BENCH_NOVEL_STYLES)})"}
@@ -366,10 +376,7 @@ def format_table(summary: dict, *, seeds, steps: int, quick: bool, minutes: floa
     lines = [title, "",
              head, "|" + "---|" * (len(doms) + 2)]
     for label, row in summary.items():
-        cells = []
-        for d in doms:
-            c = row.get(d)
-            cells.append("n/a" if c is None else f"{100 * c['mean']:.1f} ± {100 * c['sd']:.1f}")
+        cells = [cell(row, d) for d in doms]
         trained = [row[d]["mean"] for d in heads.BENCH_TRAIN_DOMAINS if d in row]
         cells.append(f"{100 * np.mean(trained):.1f}" if trained else "n/a")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -379,8 +386,8 @@ def format_table(summary: dict, *, seeds, steps: int, quick: bool, minutes: floa
                   "in an order no training domain has (darkest first; g grey matter, c CSF, w white matter):", "",
                   "| method | " + " | ".join(heads.BENCH_NOVEL_STYLES) + " |",
                   "|" + "---|" * (len(heads.BENCH_NOVEL_STYLES) + 1)]
-        lines += [f"| {label} | " + " | ".join(f"{100 * row[d]['mean']:.1f} ± {100 * row[d]['sd']:.1f}"
-                                              for d in heads.BENCH_NOVEL_STYLES) + " |" for label, row in novel.items()]
+        lines += [f"| {label} | " + " | ".join(cell(row, d) for d in heads.BENCH_NOVEL_STYLES) + " |"
+                  for label, row in novel.items()]
     gates = {label: {d: row[d]["gate"] for d in heads.BENCH_TRAIN_DOMAINS if d in row and "gate" in row[d]}
              for label, row in summary.items()}
     gates = {k: v for k, v in gates.items() if v}
