@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "each site trains its domain's centralized patches")
     q.add_argument("--site-batch", type=int, default=None,
                    help="patches per local step at a site (default 1; the centralized arm keeps the budget's 2)")
+    q.add_argument("--central-batch", type=int, default=None,
+                   help="patches per step of the centralized arm (default the budget's 2, generalize's); another "
+                        "value scales its steps to train as many patches, and rules out --central-json")
     q.add_argument("--steps", type=int, default=None,
                    help="the centralized budget (default 1000, generalize's: --central-json then reuses a default "
                         "`bench generalize` run)")
@@ -377,6 +380,7 @@ def _dispatch(args, reporter: Reporter) -> int:
             return run_bench_fed(work=args.work, seeds=tuple(args.seeds), quick=q, json_path=args.json,
                                  rounds=_at_least_one(args.rounds, "--rounds") or (2 if q else ROUNDS),
                                  site_batch=_at_least_one(args.site_batch, "--site-batch") or SITE_BATCH,
+                                 central_batch=_at_least_one(args.central_batch, "--central-batch"),
                                  steps=args.steps or (6 if q else DEFAULT_STEPS),
                                  train_cases=args.cases or (2 if q else 12), val_cases=1 if q else 3,
                                  central_json=args.central_json, workers=_workers(args.workers),

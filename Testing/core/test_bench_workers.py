@@ -109,6 +109,27 @@ def test_bench_fed_jobs_one_per_arm_seed_and_gin_setting(tmp_path):
         assert a[a.index("--json") + 1] == str(tmp_path / "parts" / f"{j.name}.json")
     first = max(jobs, key=lambda j: j.cost)  # `run_jobs` starts the costliest first
     assert first.args[first.args.index("--arm") + 1] == "federated"
+    assert all("--central-batch" not in j.args for j in jobs)  # the budget's batch: the flag is left out
+    jobs = arm_jobs(tmp_path, todo, steps=500, rounds=12, site_batch=1, train_cases=12, quick=False,
+                    parts=tmp_path / "parts", central_batch=1)
+    for j in jobs:  # the parent's centralized batch reaches every job; at 1 a centralized job weighs a federated one
+        assert j.args[j.args.index("--central-batch") + 1] == "1" and j.cost == 2.0
+
+
+def test_bench_fed_central_config_keeps_the_patches_at_another_batch():
+    from uharmony.bench.fed import central_config
+    from uharmony.bench.generalize import budget
+
+    base = budget(1000, False)
+    assert central_config(base, 3, False) == central_config(base, 3, False, batch=base["batch_size"])
+    plain = central_config(base, 3, False)
+    assert plain["steps"] == 1000 and plain["batch_size"] == 2 and plain["seed"] == 3
+    one = central_config(base, 3, False, batch=1)
+    assert (one["steps"], one["batch_size"]) == (2000, 1)
+    assert {k: v for k, v in one.items() if k not in ("steps", "batch_size")} == \
+        {k: v for k, v in plain.items() if k not in ("steps", "batch_size")}
+    four = central_config(base, 3, True, batch=4)
+    assert (four["steps"], four["batch_size"]) == (500, 4) and four["augment"]["gin"] is True
 
 
 def test_bench_fed_refuses_negative_workers(tmp_path):
@@ -117,7 +138,7 @@ def test_bench_fed_refuses_negative_workers(tmp_path):
                           str(tmp_path / "work")], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == ExitCode.USAGE and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "--workers" in bad.stderr and not (tmp_path / "work").exists()
-    for flag in ("--site-batch", "--rounds"):
+    for flag in ("--site-batch", "--rounds", "--central-batch"):
         bad = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--quick", flag, "0", "--work",
                               str(tmp_path / "work")], capture_output=True, text=True, timeout=120, env=env)
         assert bad.returncode == ExitCode.USAGE and bad.stderr.strip() == f"uharmony: error: {flag} must be >= 1"

@@ -280,3 +280,38 @@ def test_central_results_are_reused_only_when_they_are_the_same_runs(bench, tmp_
     with pytest.raises(ValueError, match="other datalists"):
         reuse_central(str(tmp_path / "g.json"), tmp_path, base, [0], datalists, gin_options=opts)
     assert np.isfinite(bench["json"]["minutes"])
+
+
+def test_central_batch_trains_the_centralized_arm_at_that_batch_on_equal_patches(bench, tmp_path):
+    """--central-batch 1: the centralized models train 1 patch per step for twice the steps (the same
+    patches per domain), generalize's models are then not reused, and its files merge with no other plan."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = tmp_path / "c1.json"
+    done = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--quick", "--seeds", "0", "--arm",
+                           "central", "--gin", "off", "--central-batch", "1", "--workers", "1", "--flower-rounds", "0",
+                           "--central-json", str(tmp_path / "generalize.json"), "--work", str(tmp_path / "work"),
+                           "--json", str(out)], env=env, capture_output=True, text=True, encoding="utf-8",
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "not reusing the centralized results: --central-batch 1: the models of `bench generalize` train 2" \
+        in done.stderr
+    r = json.loads(out.read_text(encoding="utf-8"))
+    p, quick_steps = r["plan"], r["config"]["steps"]
+    assert r["config"]["batch_size"] == 2  # the budget is unchanged: it is what --central-json must match
+    assert p["central_batch_size"] == 1 and p["central_steps"] == 2 * quick_steps
+    assert p["patches_per_domain_central"] == pytest.approx(2 * quick_steps / 3)
+    card = json.loads((tmp_path / "work" / "fed" / "seed0" / "central" / "card.json").read_text())
+    trained = card["training"]["config"]
+    assert trained["batch_size"] == 1 and trained["steps"] == 2 * quick_steps and trained["method"] == "uharmony"
+    assert set(r["runs"]) == {"centralized", "centralized-oracle"}
+    assert f"centralized: {2 * quick_steps} steps x 1 patch (trained here: generalize's config at 1 patch per step" \
+        in done.stdout
+    parts = bench["root"] / "work" / "fed" / "parts"
+    mixed = _from_json(out, parts / "seed0-federated.json")  # centralized at 1, federated beside centralized at 2
+    assert mixed.returncode != 0 and "another federated plan" in mixed.stderr and "central_batch_size" in mixed.stderr
+    old = json.loads((parts / "seed0-central.json").read_text(encoding="utf-8"))  # a file from before the option
+    old["plan"].pop("central_batch_size")
+    (tmp_path / "old.json").write_text(json.dumps(old), encoding="utf-8")
+    merged = _from_json(tmp_path / "old.json", parts / "seed0-federated.json")
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert f"centralized: {quick_steps} steps x 2 patches" in merged.stdout

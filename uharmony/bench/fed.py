@@ -27,7 +27,9 @@ of the 3 sites, L = round(S*B / (3 R b)): every site trains R*L*b ~ S*B/3 patche
 many as its domain sees in centralized training (the warm-up + poly decay of the learning rate spans
 each site's R*L steps; the AdamW state restarts every round, as the ClientApp does). By default b = 1
 and R = 24 (B = 2): a site then makes 2/3 of the centralized optimiser steps instead of 1/3 at b = B,
-which closed most of the gap at 1000 steps (docs/benchmarks.md).
+which closed most of the gap at 1000 steps (docs/benchmarks.md). ``--central-batch b'`` trains the
+centralized arm at b' patches per step for S*B/b' steps instead (the same patches; generalize's models
+are then not reused): at b' = 1 both arms take steps of one patch.
 """
 
 from __future__ import annotations
@@ -69,9 +71,21 @@ def local_steps(steps: int, rounds: int, central_batch: int, site_batch: int = S
     return max(1, round(steps * central_batch / (sites * rounds * site_batch)))
 
 
-def central_config(base: dict, seed: int, gin: bool, gin_options: dict | None = None) -> dict:
-    """The centralized U-Harmony config of `uharmony bench generalize` for this seed (as its run_train gets it)."""
-    return {**base, "augment": G.augment_section(gin, gin_options), "method": "uharmony", "seed": seed}
+def central_config(base: dict, seed: int, gin: bool, gin_options: dict | None = None,
+                   batch: int | None = None) -> dict:
+    """The centralized U-Harmony config of `uharmony bench generalize` for this seed (as its run_train gets it).
+
+    ``batch``: patches per step other than the budget's, with the steps scaled to keep the patches (and so
+    every domain's share) equal: `central_steps`."""
+    cfg = {**base, "augment": G.augment_section(gin, gin_options), "method": "uharmony", "seed": seed}
+    if batch is not None and batch != base["batch_size"]:
+        cfg.update(batch_size=batch, steps=central_steps(base["steps"], base["batch_size"], batch))
+    return cfg
+
+
+def central_steps(steps: int, budget_batch: int, batch: int) -> int:
+    """Steps of ``batch`` patches that hold as many patches as the budget's ``steps`` of ``budget_batch``."""
+    return max(1, round(steps * budget_batch / batch))
 
 
 def fed_config(base: dict, *, classes: list[str], rounds: int, local: int, seed: int, gin: bool,
@@ -115,7 +129,7 @@ def encoder_ready(settings: dict, log) -> None:
 
 
 def arm_jobs(root: Path, todo, *, steps: int, rounds: int, site_batch: int, train_cases: int, quick: bool,
-             parts: Path, gin_options: dict | None = None) -> list:
+             parts: Path, gin_options: dict | None = None, central_batch: int | None = None) -> list:
     """One `uharmony bench fed --arm ARM --seeds S --gin on|off` command per (arm, seed, GIN setting), each
     writing parts/<name>.json (no real Flower run: the caller runs it once, alone, for its timings)."""
     from uharmony.bench.workers import Job
@@ -128,8 +142,12 @@ def arm_jobs(root: Path, todo, *, steps: int, rounds: int, site_batch: int, trai
                 "--gin", "on" if gin else "off", "--flower-rounds", "0", "--workers", "1",
                 "--json", str(parts / f"{name}.json")]
         args += G.gin_option_args(gin_options)
+        if central_batch is not None:
+            args += ["--central-batch", str(central_batch)]
         # one core, 1000 steps: a federated seed took 5.2-5.4 min (24 x 28 of 1 patch), a centralized model 2-3
-        jobs.append(Job(name, args + (["--quick"] if quick else []), cost=2.0 if arm == "federated" else 1.0))
+        # at 2 patches per step, 5.5 at 1 (twice the steps)
+        cost = 2.0 if arm == "federated" else 2.0 / (central_batch or 2)
+        jobs.append(Job(name, args + (["--quick"] if quick else []), cost=cost))
     return jobs
 
 
@@ -448,7 +466,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 
 def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str, Path], arch: dict | None = None,
-                  gin_options: dict | None = None) -> dict:
+                  gin_options: dict | None = None, batch: int | None = None) -> dict:
     """Centralized scores of `uharmony bench generalize --json` if, and only if, they are of the same runs.
 
     Checks: the JSON's budget equals ours, it holds every seed for uharmony and uharmony+GIN, and each of
@@ -460,6 +478,9 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
     from uharmony.train.config import load_config
     from uharmony.train.data import datalist_sha256
 
+    if batch is not None and batch != base["batch_size"]:
+        raise ValueError(f"--central-batch {batch}: the models of `bench generalize` train {base['batch_size']} "
+                         "patches per step")
     r = json.loads(Path(path).read_text())
     if r.get("config") != base:
         raise ValueError(f"{path}: its budget differs from this benchmark's: {r.get('config')} vs {base}")
@@ -477,7 +498,7 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
             card = json.loads(card_path.read_text())
             tmp = root / "fed" / "central-check.json"
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            expected = central_config(base, seed, gin, gin_options)
+            expected = central_config(base, seed, gin, gin_options, batch)
             tmp.write_text(json.dumps(expected))
             cfg, _ = load_config(str(tmp))
             # read back through the loader: keys added since (with their old behaviour as default) are filled in
@@ -503,7 +524,7 @@ def reuse_central(path: str, root: Path, base: dict, seeds, datalists: dict[str,
 
 
 def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROUNDS, steps: int = G.DEFAULT_STEPS,
-                  site_batch: int = SITE_BATCH,
+                  site_batch: int = SITE_BATCH, central_batch: int | None = None,
                   train_cases: int = 12, val_cases: int = 3, quick: bool = False, json_path: str | None = None,
                   central_json: str | None = None, flower_rounds: int = 2, flower_timeout: float = 600.0,
                   workers: int = 1, arms=("central", "federated"), gin=(False, True),
@@ -534,12 +555,16 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
     local = local_steps(steps, rounds, base["batch_size"], site_batch)
     patch = tuple(base["patch_size"])
     pretrain = (5, 12) if quick else (1500, 1800)  # the gate's contrast encoder (cached per gate shape)
-    plan = {"central_steps": steps, "batch_size": base["batch_size"], "sites": len(SITES), "rounds": rounds,
+    central_batch = central_batch or base["batch_size"]
+    c_steps = central_steps(steps, base["batch_size"], central_batch)
+    plan = {"central_steps": c_steps, "batch_size": base["batch_size"], "central_batch_size": central_batch,
+            "sites": len(SITES), "rounds": rounds,
             "site_batch_size": site_batch, "local_steps": local, "steps_per_site": rounds * local,
             "fed_steps_total": len(SITES) * rounds * local,
-            "patches_per_domain_central": steps * base["batch_size"] / len(SITES),
+            "patches_per_domain_central": c_steps * central_batch / len(SITES),
             "patches_per_domain_fed": rounds * local * site_batch}
-    log(f"budget: centralized {steps} steps x {base['batch_size']} patches (domains uniform); federated "
+    log(f"budget: centralized {c_steps} steps x {central_batch} patch{'es' * (central_batch != 1)} (domains "
+        f"uniform); federated "
         f"{len(SITES)} sites x {rounds} rounds x {local} local steps of {site_batch} patch{'es' * (site_batch != 1)} = "
         f"{plan['fed_steps_total']} steps ({plan['steps_per_site']} per site)")
     results: dict[str, dict[int, dict]] = {}
@@ -585,7 +610,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
             from uharmony.fed.server_app import arch_of
 
             arch = arch_of({**fed_settings(), "out": str(root / "fed" / "arch-check")})
-            for label, per in reuse_central(central_json, root, base, seeds, datalists, arch, gin_options).items():
+            for label, per in reuse_central(central_json, root, base, seeds, datalists, arch, gin_options,
+                                            central_batch).items():
                 for seed, scores in per.items():
                     record(label, seed, scores)
             extra["central_source"] = f"reused from {central_json} (same data, config and seeds; cards checked)"
@@ -600,7 +626,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
             encoder_ready(fed_settings(), log)
         parts = root / "fed" / "parts"
         jobs = arm_jobs(root, todo, steps=steps, rounds=rounds, site_batch=site_batch, train_cases=train_cases,
-                        quick=quick, parts=parts, gin_options=gin_options)
+                        quick=quick, parts=parts, gin_options=gin_options,
+                        central_batch=None if central_batch == base["batch_size"] else central_batch)
         for job in jobs:
             (parts / f"{job.name}.json").unlink(missing_ok=True)  # a file left by an earlier run is not this run's
         log(f"{len(jobs)} single-threaded jobs, {workers} at a time (logs in {parts})")
@@ -623,7 +650,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
             out = root / "fed" / f"seed{seed}" / ("central" + tag)
             cfg_path = out.with_name(out.name + ".json")
             cfg_path.parent.mkdir(parents=True, exist_ok=True)
-            cfg_path.write_text(json.dumps(central_config(base, seed, g, gin_options)))
+            cfg_path.write_text(json.dumps(central_config(base, seed, g, gin_options, central_batch)))
             run_train([str(datalists[d]) for d in SITES], str(out), str(cfg_path), overwrite=True, reporter=rep,
                       argv=["bench", "fed"])
             model, _ = load_model(out)
@@ -647,7 +674,9 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
         record("federated-oracle" + tag, seed, evaluator(model)(model, "oracle", patch, only=SITES))
         save(partial=True)
     if "central" in arms and extra["central_source"] is None:
-        extra["central_source"] = "trained here with the config of `uharmony bench generalize`"
+        extra["central_source"] = ("trained here with the config of `uharmony bench generalize`" if central_batch ==
+                                   base["batch_size"] else f"trained here: generalize's config at {central_batch} "
+                                   f"patch{'es' * (central_batch != 1)} per step, {c_steps} steps")
 
     # -- one short real Flower run: bytes and round overhead
     if flower_rounds > 0 and "federated" in arms:
@@ -724,11 +753,13 @@ def check_targets(summary: dict) -> list[str]:
 def format_report(doc: dict) -> str:
     summary, plan = doc["summary"], doc["plan"]
     site_batch = plan.get("site_batch_size", plan["batch_size"])  # older files: sites trained the budget's batch
+    central_batch = with_central_batch(plan)["central_batch_size"]
     doms = [*SITES, UNSEEN, G.NEW_ORDERS]
     unseen = {UNSEEN: " (unseen)", G.NEW_ORDERS: f" (unseen, mean of {len(NOVEL)})"}
     lines = [(f"Dice (mean of CSF, GM, WM; mean ± sd over seeds {', '.join(map(str, doc['seeds']))}), "
              f"{'QUICK smoke run, not meaningful; ' if doc.get('quick') else ''}{doc['minutes']:.1f} min in all"),
-             (f"centralized: {plan['central_steps']} steps x {plan['batch_size']} patches ({doc['central_source']}); "
+             (f"centralized: {plan['central_steps']} steps x {central_batch} patch{'es' * (central_batch != 1)} "
+              f"({doc['central_source']}); "
              f"federated (in-process: real ServerApp strategy + ClientApp, no transport): {plan['sites']} sites x "
              f"{plan['rounds']} rounds x {plan['local_steps']} local steps of {site_batch} "
              f"patch{'es' * (site_batch != 1)} = {plan['fed_steps_total']} steps"),
@@ -808,9 +839,10 @@ def merge_fed_results(docs: list[tuple[str, dict]]) -> dict:
     if len(docs) == 1:
         return first
     for path, r in docs[1:]:
-        if r["plan"] != first["plan"]:
+        plan, first_plan = with_central_batch(r["plan"]), with_central_batch(first["plan"])
+        if plan != first_plan:
             raise ValueError(f"{path}: another federated plan than the first file's (differs in "
-                             f"{G.differing(r['plan'], first['plan'])})")
+                             f"{G.differing(plan, first_plan)})")
     merged = G.merge_results(docs)
     fed_runs = {k: v for _, r in docs for k, v in r["fed_runs"].items()}
     summary = G.summarise(merged["runs"])
@@ -820,6 +852,11 @@ def merge_fed_results(docs: list[tuple[str, dict]]) -> dict:
             "fed_runs": fed_runs, "bytes": bytes_summary(fed_runs), "central_source": "; ".join(sources) or None,
             "flower": next((r["flower"] for _, r in docs if r.get("flower")), None),
             "partial": any(r.get("partial") for _, r in docs), "quick": any(r.get("quick") for _, r in docs)}
+
+
+def with_central_batch(plan: dict) -> dict:
+    """The plan with its centralized batch (files before --central-batch: the budget's)."""
+    return {**plan, "central_batch_size": plan.get("central_batch_size", plan["batch_size"])}
 
 
 def print_from_json(docs: list[tuple[str, dict]]) -> int:
