@@ -145,7 +145,7 @@ def arm_jobs(root: Path, todo, *, steps: int, rounds: int, site_batch: int, trai
         if central_batch is not None:
             args += ["--central-batch", str(central_batch)]
         # one core, 1000 steps: a federated seed took 5.2-5.4 min (24 x 28 of 1 patch), a centralized model 2-3
-        # at 2 patches per step, 5.5 at 1 (twice the steps)
+        # at the budget's 2 patches per step, 5.5-5.9 at 1 (twice the steps)
         cost = 2.0 if arm == "federated" else 2.0 / (central_batch or 2)
         jobs.append(Job(name, args + (["--quick"] if quick else []), cost=cost))
     return jobs
