@@ -83,6 +83,11 @@ def central_config(base: dict, seed: int, gin: bool, gin_options: dict | None = 
     return cfg
 
 
+def patches(n: int) -> str:
+    """``1 patch``, ``2 patches``: for the budget lines."""
+    return f"{n} patch{'es' * (n != 1)}"
+
+
 def central_steps(steps: int, budget_batch: int, batch: int) -> int:
     """Steps of ``batch`` patches that hold as many patches as the budget's ``steps`` of ``budget_batch``."""
     return max(1, round(steps * budget_batch / batch))
@@ -563,9 +568,9 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
             "fed_steps_total": len(SITES) * rounds * local,
             "patches_per_domain_central": c_steps * central_batch / len(SITES),
             "patches_per_domain_fed": rounds * local * site_batch}
-    log(f"budget: centralized {c_steps} steps x {central_batch} patch{'es' * (central_batch != 1)} (domains "
+    log(f"budget: centralized {c_steps} steps x {patches(central_batch)} (domains "
         f"uniform); federated "
-        f"{len(SITES)} sites x {rounds} rounds x {local} local steps of {site_batch} patch{'es' * (site_batch != 1)} = "
+        f"{len(SITES)} sites x {rounds} rounds x {local} local steps of {patches(site_batch)} = "
         f"{plan['fed_steps_total']} steps ({plan['steps_per_site']} per site)")
     results: dict[str, dict[int, dict]] = {}
     extra: dict = {"central_source": None, "fed_runs": {}, "flower": None}
@@ -675,8 +680,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
         save(partial=True)
     if "central" in arms and extra["central_source"] is None:
         extra["central_source"] = ("trained here with the config of `uharmony bench generalize`" if central_batch ==
-                                   base["batch_size"] else f"trained here: generalize's config at {central_batch} "
-                                   f"patch{'es' * (central_batch != 1)} per step, {c_steps} steps")
+                                   base["batch_size"] else f"trained here: generalize's config at "
+                                   f"{patches(central_batch)} per step, {c_steps} steps")
 
     # -- one short real Flower run: bytes and round overhead
     if flower_rounds > 0 and "federated" in arms:
@@ -758,11 +763,11 @@ def format_report(doc: dict) -> str:
     unseen = {UNSEEN: " (unseen)", G.NEW_ORDERS: f" (unseen, mean of {len(NOVEL)})"}
     lines = [(f"Dice (mean of CSF, GM, WM; mean ± sd over seeds {', '.join(map(str, doc['seeds']))}), "
              f"{'QUICK smoke run, not meaningful; ' if doc.get('quick') else ''}{doc['minutes']:.1f} min in all"),
-             (f"centralized: {plan['central_steps']} steps x {central_batch} patch{'es' * (central_batch != 1)} "
+             (f"centralized: {plan['central_steps']} steps x {patches(central_batch)} "
               f"({doc['central_source']}); "
              f"federated (in-process: real ServerApp strategy + ClientApp, no transport): {plan['sites']} sites x "
-             f"{plan['rounds']} rounds x {plan['local_steps']} local steps of {site_batch} "
-             f"patch{'es' * (site_batch != 1)} = {plan['fed_steps_total']} steps"),
+             f"{plan['rounds']} rounds x {plan['local_steps']} local steps of {patches(site_batch)} "
+             f"= {plan['fed_steps_total']} steps"),
              *G.gin_options_line(doc.get("gin_options")),
              "",
              "| arm | " + " | ".join(d + unseen.get(d, "") for d in doms) + " | mean of trained |",
