@@ -80,6 +80,17 @@ def test_report_table_and_targets(bench):
     assert "oracle" in targets[6]
 
 
+def test_a_ratio_just_under_the_target_is_never_printed_as_the_target():
+    from uharmony.bench.fed import check_targets, ratio_text
+
+    assert [ratio_text(r) for r in (0.9488, 0.94999, 0.95, 0.9449, 1.2)] == ["94.9 %", "94.9 %", "95 %", "94 %", "120 %"]
+    # the rounded means of the 3000-step run of 2026-12-05, whose T1 ratio (94.8 %) printed as a failing "95 %"
+    central = {d: {"mean": m} for d, m in zip(SITES, (0.801, 0.820, 0.546))}
+    fed = {d: {"mean": m} for d, m in zip(SITES, (0.760, 0.790, 0.523))}
+    line = check_targets({"centralized": central, "federated": fed})[1]
+    assert line.startswith("- FAIL") and "mri-t1 94.9 %, mri-t2 96 %, ct 96 %" in line, line
+
+
 def test_json_scores_ratios_and_budget(bench):
     r = bench["json"]
     assert r["partial"] is False and r["quick"] is True and r["seeds"] == [0]

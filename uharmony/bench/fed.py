@@ -699,6 +699,14 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
 # ------------------------------------------------------------------------------ summaries and the table
 
 
+def ratio_text(r: float) -> str:
+    """A fed/central ratio as a whole percent, or with one decimal where the whole percent would hide
+    which side of the target it is on (0.9488 is "94.9 %", not a failing "95 %")."""
+    if r < TARGET_RATIO <= round(100 * r) / 100:
+        return f"{min(round(1000 * r) / 10, 100 * TARGET_RATIO - 0.1):.1f} %"  # 0.94999: 94.9 %, never 95.0 %
+    return f"{100 * r:.0f} %"
+
+
 def ratios(summary: dict) -> dict:
     """fed/central ratio of the mean Dice over seeds, per domain and GIN setting; also with oracle routing."""
     out = {}
@@ -736,7 +744,7 @@ def check_targets(summary: dict) -> list[str]:
             row = r[key]
             ok = all(row.get(d, 0) >= TARGET_RATIO for d in SITES)
             lines.append(f"- {'PASS' if ok else 'FAIL'} federated{tag} >= {100 * TARGET_RATIO:.0f} % of centralized{tag}"
-                         " on every trained domain: " + ", ".join(f"{d} {100 * row[d]:.0f} %" for d in SITES if d in row)
+                         " on every trained domain: " + ", ".join(f"{d} {ratio_text(row[d])}" for d in SITES if d in row)
                          + (f" (mean of trained {100 * row['mean of trained']:.0f} %" if "mean of trained" in row else "")
                          + (f"; unseen {UNSEEN} {100 * row[UNSEEN]:.0f} %, not a criterion)" if UNSEEN in row else ")"))
     for style, name in ((UNSEEN, f"the unseen {UNSEEN}"), (G.NEW_ORDERS, "the never-seen tissue orders")):
@@ -750,7 +758,7 @@ def check_targets(summary: dict) -> list[str]:
     for tag, key in (("", "oracle-no-gin"), ("+GIN", "oracle-gin")):
         if key in r:
             lines.append(f"- info: routed by the true domain (oracle), federated{tag} / centralized{tag}: "
-                         + ", ".join(f"{d} {100 * r[key][d]:.0f} %" for d in SITES if d in r[key])
+                         + ", ".join(f"{d} {ratio_text(r[key][d])}" for d in SITES if d in r[key])
                          + (f" (mean {100 * r[key]['mean of trained']:.0f} %)" if "mean of trained" in r[key] else ""))
     return lines
 
@@ -783,7 +791,7 @@ def format_report(doc: dict) -> str:
             cells.append(f"{100 * np.mean(trained):.1f}" if trained else "n/a")
             lines.append(f"| {arm}{tag} | " + " | ".join(cells) + " |")
         if key in r:
-            cells = [f"{100 * r[key][d]:.0f} %" if d in r[key] else "n/a" for d in doms]
+            cells = [ratio_text(r[key][d]) if d in r[key] else "n/a" for d in doms]
             cells.append(f"{100 * r[key]['mean of trained']:.0f} %" if "mean of trained" in r[key] else "n/a")
             lines.append(f"| **fed/central{tag}** | " + " | ".join(cells) + " |")
     if any(k.endswith(("oracle", "oracle+GIN")) for k in summary):
@@ -797,7 +805,7 @@ def format_report(doc: dict) -> str:
                     cells.append(f"{100 * np.mean([row[d]['mean'] for d in SITES if d in row]):.1f}")
                     lines.append(f"| {arm}-oracle{tag} | " + " | ".join(cells) + " |")
             if key in r:
-                cells = [f"{100 * r[key][d]:.0f} %" if d in r[key] else "n/a" for d in SITES]
+                cells = [ratio_text(r[key][d]) if d in r[key] else "n/a" for d in SITES]
                 cells.append(f"{100 * r[key]['mean of trained']:.0f} %" if "mean of trained" in r[key] else "n/a")
                 lines.append(f"| **fed/central-oracle{tag}** | " + " | ".join(cells) + " |")
     gates = {label: {d: row[d]["gate"] for d in SITES if d in row and "gate" in row[d]} for label, row in summary.items()
@@ -829,7 +837,7 @@ def format_report(doc: dict) -> str:
                              + ", ".join(f"{d} {v:,}" for d, v in sorted(x["bytes_up"].items())) + " |")
         if not fl.get("ok"):
             lines.append(f"FAILED: {str(fl.get('error'))[:300]}")
-    lines += ["", *doc["targets"]]
+    lines += ["", *check_targets(summary)]  # from the scores, so a re-print follows the current wording
     return "\n".join(lines)
 
 
