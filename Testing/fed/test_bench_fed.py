@@ -89,6 +89,10 @@ def test_a_ratio_just_under_the_target_is_never_printed_as_the_target():
     fed = {d: {"mean": m} for d, m in zip(SITES, (0.760, 0.790, 0.523))}
     line = check_targets({"centralized": central, "federated": fed})[1]
     assert line.startswith("- FAIL") and "mri-t1 94.9 %, mri-t2 96 %, ct 96 %" in line, line
+    # the unseen style's ratio (no criterion) in the same words as its table column: 4500 steps, 34.4 / 36.3
+    central[UNSEEN], fed[UNSEEN] = {"mean": 0.363}, {"mean": 0.344}
+    line = check_targets({"centralized": central, "federated": fed})[1]
+    assert f"unseen {UNSEEN} 94.8 %, not a criterion" in line, line
 
 
 def test_json_scores_ratios_and_budget(bench):

@@ -746,7 +746,7 @@ def check_targets(summary: dict) -> list[str]:
             lines.append(f"- {'PASS' if ok else 'FAIL'} federated{tag} >= {100 * TARGET_RATIO:.0f} % of centralized{tag}"
                          " on every trained domain: " + ", ".join(f"{d} {ratio_text(row[d])}" for d in SITES if d in row)
                          + (f" (mean of trained {100 * row['mean of trained']:.0f} %" if "mean of trained" in row else "")
-                         + (f"; unseen {UNSEEN} {100 * row[UNSEEN]:.0f} %, not a criterion)" if UNSEEN in row else ")"))
+                         + (f"; unseen {UNSEEN} {ratio_text(row[UNSEEN])}, not a criterion)" if UNSEEN in row else ")"))
     for style, name in ((UNSEEN, f"the unseen {UNSEEN}"), (G.NEW_ORDERS, "the never-seen tissue orders")):
         for arm in ("federated", "centralized"):
             a = summary.get(arm, {}).get(style, {}).get("mean")
