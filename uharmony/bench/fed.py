@@ -707,6 +707,11 @@ def ratio_text(r: float) -> str:
     return f"{100 * r:.0f} %"
 
 
+def ratio_cells(row: dict, doms) -> list[str]:
+    """A table's ratio cells: one per domain of ``doms``, then the mean of the trained domains ("n/a" if absent)."""
+    return [ratio_text(row[d]) if d in row else "n/a" for d in (*doms, "mean of trained")]
+
+
 def ratios(summary: dict) -> dict:
     """fed/central ratio of the mean Dice over seeds, per domain and GIN setting; also with oracle routing."""
     out = {}
@@ -745,7 +750,7 @@ def check_targets(summary: dict) -> list[str]:
             ok = all(row.get(d, 0) >= TARGET_RATIO for d in SITES)
             lines.append(f"- {'PASS' if ok else 'FAIL'} federated{tag} >= {100 * TARGET_RATIO:.0f} % of centralized{tag}"
                          " on every trained domain: " + ", ".join(f"{d} {ratio_text(row[d])}" for d in SITES if d in row)
-                         + (f" (mean of trained {100 * row['mean of trained']:.0f} %" if "mean of trained" in row else "")
+                         + (f" (mean of trained {ratio_text(row['mean of trained'])}" if "mean of trained" in row else "")
                          + (f"; unseen {UNSEEN} {ratio_text(row[UNSEEN])}, not a criterion)" if UNSEEN in row else ")"))
     for style, name in ((UNSEEN, f"the unseen {UNSEEN}"), (G.NEW_ORDERS, "the never-seen tissue orders")):
         for arm in ("federated", "centralized"):
@@ -759,7 +764,7 @@ def check_targets(summary: dict) -> list[str]:
         if key in r:
             lines.append(f"- info: routed by the true domain (oracle), federated{tag} / centralized{tag}: "
                          + ", ".join(f"{d} {ratio_text(r[key][d])}" for d in SITES if d in r[key])
-                         + (f" (mean {100 * r[key]['mean of trained']:.0f} %)" if "mean of trained" in r[key] else ""))
+                         + (f" (mean {ratio_text(r[key]['mean of trained'])})" if "mean of trained" in r[key] else ""))
     return lines
 
 
@@ -791,9 +796,7 @@ def format_report(doc: dict) -> str:
             cells.append(f"{100 * np.mean(trained):.1f}" if trained else "n/a")
             lines.append(f"| {arm}{tag} | " + " | ".join(cells) + " |")
         if key in r:
-            cells = [ratio_text(r[key][d]) if d in r[key] else "n/a" for d in doms]
-            cells.append(f"{100 * r[key]['mean of trained']:.0f} %" if "mean of trained" in r[key] else "n/a")
-            lines.append(f"| **fed/central{tag}** | " + " | ".join(cells) + " |")
+            lines.append(f"| **fed/central{tag}** | " + " | ".join(ratio_cells(r[key], doms)) + " |")
     if any(k.endswith(("oracle", "oracle+GIN")) for k in summary):
         lines += ["", "the same models routed by the true domain (oracle; trained domains only):", "",
                   "| arm | " + " | ".join(SITES) + " | mean of trained |", "|" + "---|" * (len(SITES) + 2)]
@@ -805,9 +808,7 @@ def format_report(doc: dict) -> str:
                     cells.append(f"{100 * np.mean([row[d]['mean'] for d in SITES if d in row]):.1f}")
                     lines.append(f"| {arm}-oracle{tag} | " + " | ".join(cells) + " |")
             if key in r:
-                cells = [ratio_text(r[key][d]) if d in r[key] else "n/a" for d in SITES]
-                cells.append(f"{100 * r[key]['mean of trained']:.0f} %" if "mean of trained" in r[key] else "n/a")
-                lines.append(f"| **fed/central-oracle{tag}** | " + " | ".join(cells) + " |")
+                lines.append(f"| **fed/central-oracle{tag}** | " + " | ".join(ratio_cells(r[key], SITES)) + " |")
     gates = {label: {d: row[d]["gate"] for d in SITES if d in row and "gate" in row[d]} for label, row in summary.items()
              if "oracle" not in label}
     gates = {k: v for k, v in gates.items() if v}
