@@ -22,6 +22,14 @@ from uharmony.train.config import GATE_METHODS, GateConfig, parse_gin_options
 EPILOG = "exit codes: " + ", ".join(f"{int(c)} {h}" for c, h in EXIT_CODE_HELP.items())
 
 
+def _add_training_run(p: argparse.ArgumentParser) -> None:
+    """Options every training command shares: resume, overwrite, device, progress."""
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoint/")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and a stale checkpoint) if it exists")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"), help="overrides the config's device")
+    _add_progress(p)
+
+
 def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=MODES, default="auto",
                    help="auto: a bar on a terminal, else log: a line per long stage every minute; "
@@ -174,10 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, metavar="DATASET_JSON", help="datalists, one per dataset")
     p.add_argument("--out", required=True, help="the model package folder to write")
     p.add_argument("--config", default=None, help="training config (.toml or .json); unknown keys are errors")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoint/")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT (and a stale checkpoint) if it exists")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"), help="overrides the config's device")
-    _add_progress(p)
+    _add_training_run(p)
 
     p = sub.add_parser("adapt", help="adapt a model to a new domain (modality) or new classes", epilog=EPILOG,
                        description="Adapt a model package to new data: a domain it lacks becomes a new domain, classes "
@@ -188,10 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="datalists of the old domains to replay and to evaluate with --domain auto")
     p.add_argument("--out", required=True, help="the adapted model package folder to write")
     p.add_argument("--config", default=None, help="adaptation config (.toml or .json); unknown keys are errors")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoint/")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT (and a stale checkpoint) if it exists")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"), help="overrides the config's device")
-    _add_progress(p)
+    _add_training_run(p)
 
     p = sub.add_parser("refit-gate", help="retrain only the domain gate of a model (images of known domain; no labels)",
                        epilog=EPILOG,
