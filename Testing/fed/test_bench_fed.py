@@ -81,7 +81,7 @@ def test_report_table_and_targets(bench):
 
 
 def test_a_ratio_just_under_the_target_is_never_printed_as_the_target():
-    from uharmony.bench.fed import check_targets, ratio_cells, ratio_text
+    from uharmony.bench.fed import check_targets, ratio_cells, ratio_summary, ratio_text
 
     assert [ratio_text(r) for r in (0.9488, 0.94999, 0.95, 0.9449, 1.2)] == ["94.9 %", "94.9 %", "95 %", "94 %", "120 %"]
     # the rounded means of the 3000-step run of 2026-12-05, whose T1 ratio (94.8 %) printed as a failing "95 %"
@@ -95,6 +95,10 @@ def test_a_ratio_just_under_the_target_is_never_printed_as_the_target():
     assert f"unseen {UNSEEN} 94.8 %, not a criterion" in line, line
     # the table's cells, the mean of the trained domains included, use the same wording
     assert ratio_cells({"mri-t1": 0.9488, "mean of trained": 0.947}, SITES) == ["94.9 %", "n/a", "n/a", "94.7 %"]
+    # a target line's ratios: the mean and any note in one pair of parentheses, none without them
+    assert ratio_summary({"mri-t1": 0.9488, "ct": 1.02, "mean of trained": 0.947}, "mean") == "mri-t1 94.9 %, ct 102 % (mean 94.7 %)"
+    assert ratio_summary({"mri-t2": 0.99}, "mean of trained", "a note") == "mri-t2 99 % (a note)"
+    assert ratio_summary({"mri-t2": 0.99}, "mean") == "mri-t2 99 %"
 
 
 def test_json_scores_ratios_and_budget(bench):
