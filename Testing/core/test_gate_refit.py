@@ -98,7 +98,8 @@ def test_fov_view_is_a_centred_crop_or_air_padding():
 
 
 def test_segment_averages_the_gate_over_the_cards_fields_of_view(tiny_model):
-    """`uharmony segment`'s routing with and without the card's `gate.fov_views` (a random gate: unsure)."""
+    """`uharmony segment`'s routing and unfamiliar score with and without the card's `gate.fov_views` (a
+    random gate: unsure)."""
     from uharmony.augment.views import fov_view
     from uharmony.infer.segment import Segmenter
 
@@ -111,12 +112,17 @@ def test_segment_averages_the_gate_over_the_cards_fields_of_view(tiny_model):
         seg.card["gate"]["fov_views"] = [0.8, 1.3]  # 1.0, the scan as it is, is always added
         averaged = seg.run_gate(x)
         views = [torch.softmax(gate(gate.downsample(fov_view(x, s)[None]))[0], 1)[0] for s in (0.8, 1.3, 1.0)]
-        plain_score = float(gate.unfamiliar_score(gate(gate.downsample(x[None]))[1])[0])
+        view_scores = [float(gate.unfamiliar_score(gate(gate.downsample(fov_view(x, s)[None]))[1])[0])
+                       for s in (0.8, 1.3, 1.0)]
     want = torch.stack(views).mean(0)
     assert [averaged.probabilities[d] for d in gate.domains] == pytest.approx(want.tolist(), abs=1e-5)
     assert [single.probabilities[d] for d in gate.domains] == pytest.approx(views[2].tolist(), abs=1e-5)
     assert abs(averaged.probabilities[gate.domains[0]] - single.probabilities[gate.domains[0]]) > 1e-3
-    assert averaged.score == single.score == pytest.approx(plain_score, abs=1e-3)  # the score: the plain view's
+    # the score: the plain view's alone, and with several views the lowest (a scan is familiar when some
+    # framing of it is); this image's framings score apart, so taking any other view would show
+    assert single.score == pytest.approx(view_scores[2], abs=1e-3)
+    assert averaged.score == pytest.approx(min(view_scores), abs=1e-3)
+    assert min(view_scores) < view_scores[2] - 0.05  # this image: the plain view is not the lowest
 
 
 @pytest.fixture(scope="module")

@@ -210,11 +210,14 @@ class Segmenter:
         if 1.0 not in scales:
             scales.append(1.0)
         # several fields of view when the card asks for them (a gate refit with --framing): probabilities
-        # averaged over them; the unfamiliar score stays that of the scan as it is
+        # averaged over them, and the unfamiliar score is the lowest view's. The threshold bounds single
+        # views of familiar scans framed at random, so a scan is familiar when some framing of it is; the
+        # as-is view alone flagged real T1 scans padded with air, while masks and label maps score high
+        # in every view (docs/model.md).
         small = torch.cat([gate.downsample(fov_view(x, s)[None]) for s in scales])
         logits, feats = gate(small)
         probs = torch.softmax(logits.float(), dim=1).mean(0).tolist()
-        score = float(gate.unfamiliar_score(feats[scales.index(1.0)][None])[0])
+        score = float(gate.unfamiliar_score(feats).min())
         threshold = float(self.card["gate"]["unfamiliar_threshold"])
         if domain == "auto":
             chosen, mode = names[int(np.argmax(probs))], "auto"

@@ -67,10 +67,10 @@ LIMITATIONS = [
      "is approximate."),
     "Works at 2 mm: thin cortex is partial-volumed; volumes are estimates.",
     ("Inputs unlike every training domain are flagged as unfamiliar; their results are unreliable. The gate "
-     "averages five fields of view and routes both real T1 images to T1 however they are cropped or padded "
-     "(p 0.66-0.98), but the flag still depends on framing (the real ITK subject padded by 15 % per side is "
-     "flagged), and the gate was never tested on a real T2, FLAIR, PD or CT scan; pass the domain when you "
-     "know it."),
+     "looks at five fields of view: it routes both real T1 images to T1 however they are cropped or padded "
+     "(p 0.66-0.98) and flags neither at any framing (the flag takes the most familiar view), while masks and "
+     "label maps stay flagged; it misses contrasts whose tissue order no domain has, and was never tested on a "
+     "real T2, FLAIR, PD or CT scan; pass the domain when you know it."),
 ]
 
 
