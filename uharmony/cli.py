@@ -445,13 +445,20 @@ def _train(args, reporter: Reporter) -> int:
     return 0
 
 
+def _top_two(domain: dict) -> str:
+    ranked = sorted(domain["probabilities"].items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{name} p={p:.2f}" for name, p in ranked[:2])
+
+
 def human_summary(report: dict) -> str:
     d = report["domain"]
     p = d["probabilities"][d["chosen"]]
     lines = [f"wrote {', '.join(report['outputs'])}",
              f"domain: {d['chosen']} ({'gate' if d['mode'] == 'auto' else 'given'}, p={p:.3f})"
              + ("  WARNING: unfamiliar input (unlike every training domain): check the result"
-                if d["unfamiliar"] else ""),
+                if d["unfamiliar"] else "")
+             + ("  NOTE: the gate is unsure (" + _top_two(d) + "); pass --domain if you know the contrast"
+                if d.get("unsure") else ""),
              "volumes: " + ", ".join(f"{c['name']} {c['volume_ml']:.1f} mL" for c in report["classes"]),
              f"device {report['device']}, {report['timings_s']['total']:.1f} s"]
     lines += [f"note: {n}" for n in report.get("notes", [])]

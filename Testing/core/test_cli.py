@@ -57,6 +57,21 @@ def test_jsonl_protocol_and_report(tiny_model, phantom, tmp_path):
     assert json.loads(rep.read_text())["model"]["name"] == "tiny-test"
 
 
+def test_human_summary_names_an_unsure_gate_and_an_unfamiliar_input():
+    from uharmony.cli import human_summary
+
+    report = {"outputs": ["s.nii.gz"], "device": "cpu", "timings_s": {"total": 1.0}, "classes": [],
+              "domain": {"mode": "auto", "chosen": "mri-t1", "probabilities": {"mri-t1": 0.39, "mri-t2": 0.25,
+                                                                              "mri-flair": 0.26, "ct": 0.1},
+                         "unsure": True, "unfamiliar": False}}
+    line = human_summary(report).splitlines()[1]
+    assert line.startswith("domain: mri-t1 (gate, p=0.390)") and "WARNING" not in line
+    assert "NOTE: the gate is unsure (mri-t1 p=0.39, mri-flair p=0.26); pass --domain" in line
+    report["domain"].update(unsure=False, unfamiliar=True)
+    line = human_summary(report).splitlines()[1]
+    assert "WARNING: unfamiliar input" in line and "unsure" not in line
+
+
 def test_human_output_and_preview(tiny_model, phantom, tmp_path):
     src, _ = phantom
     png = tmp_path / "p.png"

@@ -38,6 +38,7 @@ def test_label_map_is_on_the_input_grid(starter, phantom, tmp_path, suffix):
     assert src.read_bytes() == before  # the input is untouched
     on_disk = json.loads(rep.read_text())
     assert on_disk["domain"]["chosen"] == "synth-t1" and not on_disk["domain"]["unfamiliar"]
+    assert on_disk["domain"]["unsure"] is False and on_disk["domain"]["probabilities"]["synth-t1"] > 0.8
     assert on_disk["model"]["sha256"] == starter.card["weights"]["sha256"]
     voxel_ml = 8.0 / 1000
     wm = next(c for c in on_disk["classes"] if c["name"] == "white matter")
@@ -120,6 +121,20 @@ def test_oblique_grid_lands_on_the_same_world_coordinates(starter, phantom, tmp_
         assert np.linalg.norm(got - want) < 2.5, (value, got, want)  # within about one voxel
         p, r = np.asarray(seg.array) == value, truth == value
         assert 2 * (p & r).sum() / (p.sum() + r.sum()) > 0.65
+
+
+def test_gate_unsure_is_a_small_margin_between_its_first_two_choices():
+    from uharmony.infer.segment import UNSURE_MARGIN, GateResult
+
+    def gate(probs, mode="auto"):
+        return GateResult(probs, max(probs, key=probs.get), mode, False, 1.0, 2.0)
+
+    assert gate({"t1": 0.39, "t2": 0.25, "flair": 0.26, "ct": 0.10}).unsure  # nibabel's tiny real volume
+    assert not gate({"t1": 0.72, "flair": 0.28}).unsure  # the MNI152 template: no majority needed
+    assert gate({"a": 0.55, "b": 0.45}).unsure and not gate({"a": 0.7, "b": 0.3}).unsure  # two domains too
+    assert not gate({"t1": 0.39, "t2": 0.25, "flair": 0.26, "ct": 0.10}, mode="forced").unsure  # the user chose
+    assert not gate({"only": 1.0}).unsure
+    assert gate({"a": 0.5 + UNSURE_MARGIN / 2 - 1e-3, "b": 0.5 - UNSURE_MARGIN / 2 + 1e-3}).to_dict()["unsure"] is True
 
 
 def test_forced_domain_and_unknown_domain(starter, phantom):

@@ -346,6 +346,15 @@ def test_summarize_report_texts_rows_and_warning():
                                             "unfamiliar": False}})
     assert familiar.domain_text == "synth-t2 (chosen by the user)" and not familiar.unfamiliar and familiar.warning_text == ""
     assert summarize_report(None).rows == []
+    assert not s.unsure and s.warned and "unsure" not in s.warning_text
+    unsure = summarize_report({"domain": {"mode": "auto", "chosen": "mri-t1", "unsure": True, "unfamiliar": False,
+                                          "probabilities": {"mri-t2": 0.25, "mri-t1": 0.39, "mri-flair": 0.26}}})
+    assert unsure.unsure and unsure.warned and not unsure.unfamiliar
+    assert unsure.warning_text == ("The domain gate is unsure (mri-t1 39%, mri-flair 26%): if you know the contrast, "
+                                   "choose it under Domain and segment again.")
+    both = summarize_report(dict(report, domain=dict(report["domain"], unsure=True)))
+    assert both.warning_text.startswith("Unfamiliar input") and both.warning_text.endswith("segment again.")
+    assert not familiar.warned
     assert normalise_color("bad") is None and normalise_color([1, 2]) is None
 
 

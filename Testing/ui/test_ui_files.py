@@ -222,6 +222,12 @@ def test_helpers_fill_the_segment_ui(app):
     assert ui.domainLabel.text() == "synth-t1 (97%)"
     WidgetHelpers.clear_result(ui)
     assert ui.segmentsTable.rowCount() == 0 and not ui.unfamiliarWarningLabel.isVisible()
+    unsure = dict(DEMO_REPORT, domain=dict(DEMO_REPORT["domain"], unsure=True, probabilities={"synth-t1": 0.55,
+                                                                                              "synth-t2": 0.45}))
+    WidgetHelpers.show_result(qt, ui, summarize_report(unsure))
+    assert ui.unfamiliarWarningLabel.isVisible() and "gate is unsure (synth-t1 55%, synth-t2 45%)" in ui.unfamiliarWarningLabel.text()
+    WidgetHelpers.show_result(qt, ui, summarize_report(DEMO_REPORT))
+    assert not ui.unfamiliarWarningLabel.isVisible()
     widget.deleteLater()
 
 

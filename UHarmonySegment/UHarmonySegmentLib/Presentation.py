@@ -102,12 +102,18 @@ class ResultSummary:
     domain_probability: float | None = None
     probabilities_text: str = ""
     unfamiliar: bool = False
+    unsure: bool = False  # the gate chose without a majority (the report's domain.unsure)
     warning_text: str = ""
     rows: list[SegmentRow] = field(default_factory=list)
     intended_use: str = ""
     limitations: list[str] = field(default_factory=list)
     model_text: str = ""
     device_text: str = ""
+
+    @property
+    def warned(self) -> bool:
+        """Whether the result panel shows its warning box."""
+        return self.unfamiliar or self.unsure
 
     @property
     def limitations_text(self) -> str:
@@ -141,6 +147,12 @@ def summarize_report(report: dict | None) -> ResultSummary:
             "Unfamiliar input: this image does not resemble the data the model was trained on"
             f"{detail}. The segmentation may be wrong; review it carefully before any use."
         )
+    summary.unsure = bool(domain.get("unsure"))
+    if summary.unsure:
+        top_two = ", ".join(f"{k} {v:.0%}" for k, v in ranked[:2])
+        note = (f"The domain gate is unsure ({top_two}): if you know the contrast, choose it under Domain "
+                "and segment again.")
+        summary.warning_text = f"{summary.warning_text}\n{note}" if summary.warning_text else note
     rows = []
     for cls in report.get("classes") or []:
         try:

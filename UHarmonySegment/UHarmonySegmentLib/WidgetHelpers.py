@@ -114,7 +114,7 @@ def show_result(qt, ui, summary: ResultSummary) -> None:
     ui.probabilitiesLabel.setText(summary.probabilities_text or "-")
     ui.modelInfoLabel.setText(" on ".join(x for x in (summary.model_text, summary.device_text) if x) or "-")
     ui.unfamiliarWarningLabel.setText(summary.warning_text)
-    ui.unfamiliarWarningLabel.setVisible(summary.unfamiliar)
+    ui.unfamiliarWarningLabel.setVisible(summary.warned)
     table = ui.segmentsTable
     table.setRowCount(len(summary.rows))
     for row, entry in enumerate(summary.rows):

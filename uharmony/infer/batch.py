@@ -53,7 +53,8 @@ def segment_batch(in_folder, out_folder, *, model=None, device="auto", domain="a
                                              overwrite=overwrite)
             d = report["domain"]
             results.append({"input": str(scan), "ok": True, "output": str(output), "domain": d["chosen"],
-                            "unfamiliar": d["unfamiliar"], "seconds": report["timings_s"]["total"]})
+                            "unfamiliar": d["unfamiliar"],
+                            "unsure": d["unsure"], "seconds": report["timings_s"]["total"]})
         except UHarmonyError as e:
             results.append({"input": str(scan), "ok": False, "code": int(e.code), "error": str(e)})
             reporter.log(f"failed: {e}")
@@ -72,7 +73,7 @@ def format_summary(summary: dict) -> str:
     lines = [f"{summary['succeeded']} of {summary['inputs']} scans segmented, {summary['failed']} failed"]
     for r in summary["items"]:
         if r["ok"]:
-            flag = "  (unfamiliar input)" if r["unfamiliar"] else ""
+            flag = ("  (unfamiliar input)" if r["unfamiliar"] else "") + ("  (gate unsure)" if r.get("unsure") else "")
             lines.append(f"  ok      {Path(r['input']).name} -> {Path(r['output']).name} [{r['domain']}]{flag}")
         else:
             lines.append(f"  FAILED  {Path(r['input']).name}: {r['error']} (exit code {r['code']})")

@@ -30,6 +30,7 @@ from uharmony.model.registry import resolve_model
 from uharmony.progress import Reporter
 
 STAGES = ("read", "preprocess", "gate", "infer", "postprocess", "write")
+UNSURE_MARGIN = 0.25  # the gate's first two choices closer than this in probability: reported as unsure
 
 
 @dataclass
@@ -41,8 +42,17 @@ class GateResult:
     score: float
     threshold: float
 
+    @property
+    def unsure(self) -> bool:
+        """The gate chose, but its runner-up was close: the user should pick the domain if they know it.
+
+        A margin rather than a floor on the first probability, so that it means the same for two domains
+        as for four (the default brain model: 1 of 40 held-out synthetic heads, no real T1 scan)."""
+        top = sorted(self.probabilities.values(), reverse=True)[:2]
+        return self.mode == "auto" and len(top) == 2 and top[0] - top[1] < UNSURE_MARGIN
+
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "chosen": self.chosen, "probabilities": self.probabilities,
+        return {"mode": self.mode, "chosen": self.chosen, "probabilities": self.probabilities, "unsure": self.unsure,
                 "unfamiliar": self.unfamiliar, "unfamiliar_score": self.score, "unfamiliar_threshold": self.threshold}
 
 
