@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
                    help="refuse inputs that would need more than this (default: the memory available)")
+    p.add_argument("--min-component-ml", action="append", default=[], metavar="CLASS=ML",
+                   help="relabel connected pieces of CLASS smaller than ML millilitres to the next likely class "
+                        "(repeatable; overrides the card's postprocess, such as lesion=0.5 in the brain model; "
+                        "CLASS=0 keeps every piece)")
     _add_progress(p)
 
     p = sub.add_parser("info", help="print a model's card", epilog=EPILOG)
@@ -396,18 +400,35 @@ def _dispatch(args, reporter: Reporter) -> int:
     raise AssertionError(args)
 
 
+def _min_component_ml(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            ml = float(value)
+        except ValueError:
+            ml = -1.0
+        if not sep or not name.strip() or not ml >= 0:
+            raise UHarmonyError(f"--min-component-ml {item!r}: expected CLASS=ML with ML >= 0, such as lesion=0.5",
+                                code=ExitCode.USAGE)
+        out[name.strip()] = ml
+    return out
+
+
 def _segment(args, reporter: Reporter) -> int:
     from uharmony.infer.segment import Segmenter
 
     max_memory = None if args.max_memory is None else int(args.max_memory * 2**30)
+    floors = _min_component_ml(args.min_component_ml)
     if args.batch:
         from uharmony.infer.batch import segment_batch
 
         if len(args.inputs) != 1:
             raise UHarmonyError("--batch takes exactly one input folder", code=ExitCode.USAGE)
         return segment_batch(args.inputs[0], args.output, model=args.model, device=args.device, domain=args.domain,
-                             overwrite=args.overwrite, reporter=reporter, max_memory=max_memory)
-    segmenter = Segmenter(args.model, args.device, reporter, max_memory=max_memory)
+                             overwrite=args.overwrite, reporter=reporter, max_memory=max_memory,
+                             min_component_ml=floors)
+    segmenter = Segmenter(args.model, args.device, reporter, max_memory=max_memory, min_component_ml=floors)
     report = segmenter.segment_files(args.inputs, args.output, report_path=args.report, preview_path=args.preview,
                                      domain=args.domain, overwrite=args.overwrite)
     reporter.result(report["outputs"], report)
@@ -450,6 +471,12 @@ def _top_two(domain: dict) -> str:
     return ", ".join(f"{name} p={p:.2f}" for name, p in ranked[:2])
 
 
+def _cleaned(postprocess: dict) -> list[str]:
+    floors, removed = postprocess.get("min_component_ml", {}), postprocess.get("removed_ml", {})
+    parts = [f"{removed[n]:.1f} mL of {n} in pieces under {floors[n]:g} mL" for n in floors if removed.get(n)]
+    return ["relabelled " + ", ".join(parts) + " (--min-component-ml)"] if parts else []
+
+
 def human_summary(report: dict) -> str:
     d = report["domain"]
     p = d["probabilities"][d["chosen"]]
@@ -460,6 +487,7 @@ def human_summary(report: dict) -> str:
              + ("  NOTE: the gate is unsure (" + _top_two(d) + "); pass --domain if you know the contrast"
                 if d.get("unsure") else ""),
              "volumes: " + ", ".join(f"{c['name']} {c['volume_ml']:.1f} mL" for c in report["classes"]),
+             *_cleaned(report.get("postprocess") or {}),
              f"device {report['device']}, {report['timings_s']['total']:.1f} s"]
     lines += [f"note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines)

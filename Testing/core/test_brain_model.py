@@ -75,11 +75,13 @@ def test_the_bundled_evaluation_used_the_overlap_that_ships(tmp_path):
     card = load_card(bundled_model_dir("brain"))
     assert card["input"]["overlap"] == brain.OVERLAP
     assert card["evaluation"]["overlap"] == brain.OVERLAP  # the figures in docs/model.md are what segment does
-    # finish sets the overlap on the package before it evaluates anything
+    assert card["postprocess"] == brain.POSTPROCESS
+    # finish sets the overlap and the clean-up on the package before it evaluates anything
     path = tmp_path / "card.json"
-    path.write_text(json.dumps(dict(card, input=dict(card["input"], overlap=0.5))))
-    brain._set_overlap(path)
-    assert json.loads(path.read_text())["input"]["overlap"] == brain.OVERLAP
+    path.write_text(json.dumps(dict(card, input=dict(card["input"], overlap=0.5), postprocess={})))
+    brain._set_inference(path)
+    written = json.loads(path.read_text())
+    assert written["input"]["overlap"] == brain.OVERLAP and written["postprocess"] == brain.POSTPROCESS
     assert not (tmp_path / "card.json.tmp").exists()
 
 

@@ -70,6 +70,18 @@ def test_human_summary_names_an_unsure_gate_and_an_unfamiliar_input():
     report["domain"].update(unsure=False, unfamiliar=True)
     line = human_summary(report).splitlines()[1]
     assert "WARNING: unfamiliar input" in line and "unsure" not in line
+    assert not any(ln.startswith("relabelled") for ln in human_summary(report).splitlines())
+    report["postprocess"] = {"min_component_ml": {"lesion": 0.5}, "removed_ml": {"lesion": 1.234}}
+    assert "relabelled 1.2 mL of lesion in pieces under 0.5 mL (--min-component-ml)" in human_summary(report)
+
+
+@pytest.mark.parametrize("value", ["lesion", "lesion=", "lesion=-1", "lesion=x", "=0.5"])
+def test_min_component_option_is_checked(tiny_model, phantom, tmp_path, value):
+    src, _ = phantom
+    out = tmp_path / "s.nii.gz"
+    p = run("segment", src, "-o", out, "--model", tiny_model, "--min-component-ml", value)
+    assert p.returncode == ExitCode.USAGE and "expected CLASS=ML" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_human_output_and_preview(tiny_model, phantom, tmp_path):

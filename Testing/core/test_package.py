@@ -89,6 +89,9 @@ def test_architecture_mismatch_names_the_tensor(pkg):
     (lambda c: c["domains"].pop(), "architecture.domains"),
     (lambda c: c.update(surprise=1), "Additional properties"),
     (lambda c: c["gate"].update(fov_views=[1.0, 0.0]), "card field gate/fov_views/1"),
+    (lambda c: c.update(postprocess={"min_component_ml": {"tumour": 0.5}}), "names 'tumour', not a class"),
+    (lambda c: c.update(postprocess={"min_component_ml": {"background": 0.5}}), "names 'background', not a class"),
+    (lambda c: c.update(postprocess={"min_component_ml": {"lesion": -1}}), "card field postprocess/min_component_ml/lesion"),
 ])
 def test_card_problems_are_named(pkg, edit, message):
     card = json.loads((pkg / "card.json").read_text())

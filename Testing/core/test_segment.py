@@ -219,3 +219,59 @@ def test_memory_estimate_refuses_before_loading(tiny_model, phantom):
     seg = Segmenter(tiny_model, "cpu", max_memory=1 << 20)
     with pytest.raises(OutOfMemoryError, match="GiB"):
         seg.predict_files([path])
+
+
+def test_drop_small_components_gives_specks_to_the_next_likely_class():
+    from uharmony.infer.postprocess import drop_small_components
+
+    scores = torch.zeros(4, 12, 12, 12)
+    scores[0] = 1.0
+    scores[2, 1:5, 1:5, 1:5] = 5.0  # a 64-voxel piece of class 2
+    scores[2, 9, 9, 9] = scores[2, 10, 10, 10] = 5.0  # a 2-voxel piece (diagonal neighbours: 26-connected)
+    scores[3, 9, 9, 9], scores[1, 10, 10, 10] = 3.0, 3.0  # their next most likely classes differ
+    scores[3, 6:8, 6:8, 6:8] = 5.0  # class 3: 8 voxels, not cleaned
+    labels = scores.argmax(0)
+    before = labels.clone()
+    assert drop_small_components(scores, labels, {2: 10, 1: 5}) == {2: 2, 1: 0}
+    assert int((labels == 2).sum()) == 64 and int(labels[9, 9, 9]) == 3 and int(labels[10, 10, 10]) == 1
+    changed = labels != before
+    assert int(changed.sum()) == 2 and int((labels == 3).sum()) == 9
+    assert drop_small_components(scores, labels, {2: 65}) == {2: 64} and not (labels == 2).any()
+    assert drop_small_components(scores, labels, {3: 1}) == {3: 0}  # a floor of one voxel keeps everything
+
+
+def test_segment_drops_small_components_by_card_and_by_option(starter_dir, phantom, tmp_path):
+    """The card's `postprocess.min_component_ml`, the option that overrides it, and the report."""
+    import shutil
+
+    from uharmony.errors import ExitCode
+
+    _, case = phantom
+    vol = Volume(case.image, case.affine, "t1")
+    plain = Segmenter(starter_dir, "cpu").predict_volumes([vol])
+    wm_value = 3
+    wm_ml = float((plain.labels == wm_value).sum()) * 8.0 / 1000  # 2 mm voxels
+    # a floor above the whole white matter: every piece of it goes to the next likely class
+    pkg = tmp_path / "starter"
+    shutil.copytree(starter_dir, pkg)
+    card = json.loads((pkg / "card.json").read_text())
+    card["postprocess"] = {"min_component_ml": {"White Matter": wm_ml + 1}}
+    (pkg / "card.json").write_text(json.dumps(card))
+    seg = Segmenter(pkg, "cpu")
+    cleaned = seg.predict_volumes([vol])
+    assert not (cleaned.labels == wm_value).any()
+    assert cleaned.removed_ml == {"white matter": pytest.approx(wm_ml, abs=1e-3)}
+    moved = plain.labels == wm_value
+    assert (cleaned.labels[~moved] == plain.labels[~moved]).all()  # nothing else changes
+    assert set(np.unique(cleaned.labels[moved])) <= {0, 1, 2, 4}
+    report = seg.make_report(cleaned, ["in"], "out")
+    assert report["postprocess"] == {"min_component_ml": {"White Matter": wm_ml + 1},
+                                     "removed_ml": {"white matter": pytest.approx(wm_ml, abs=1e-3)}}
+    wm = next(c for c in report["classes"] if c["name"] == "white matter")
+    assert wm["voxels"] == 0
+    # the option overrides the card: 0 keeps every piece
+    kept = Segmenter(pkg, "cpu", min_component_ml={"White Matter": 0}).predict_volumes([vol])
+    assert (kept.labels == plain.labels).all() and kept.removed_ml == {}
+    with pytest.raises(UHarmonyError, match="no class 'tumour'") as e:
+        Segmenter(pkg, "cpu", min_component_ml={"tumour": 1.0})
+    assert e.value.code == ExitCode.USAGE

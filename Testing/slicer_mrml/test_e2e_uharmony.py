@@ -141,6 +141,7 @@ def test_real_segment_of_oblique_flipped_volume_is_aligned_and_complete(scene, t
     chosen = direct_report["domain"]["chosen"]
     assert node.GetAttribute("UHarmony.Domain") == result.report["domain"]["chosen"] == chosen
     assert node.GetAttribute("UHarmony.Unfamiliar") == ("true" if direct_report["domain"]["unfamiliar"] else "false")
+    assert node.GetAttribute("UHarmony.GateUnsure") == ("true" if direct_report["domain"]["unsure"] else "false")
     summary = summarize_report(result.report)
     assert summary.domain_text.startswith(chosen) and len(summary.rows) == len(classes)
 

@@ -446,6 +446,7 @@ class SegmentLogic:
             "Domain": str(domain.get("chosen", "")),
             "DomainProbabilities": json.dumps(domain.get("probabilities") or {}, sort_keys=True),
             "Unfamiliar": "true" if domain.get("unfamiliar") else "false",
+            "GateUnsure": "true" if domain.get("unsure") else "false",
             "UnfamiliarScore": "" if domain.get("unfamiliar_score") is None else str(domain.get("unfamiliar_score")),
             "Created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "Report": json.dumps(_without_paths(report), sort_keys=True),

@@ -28,7 +28,8 @@ def find_scans(folder: Path) -> list[Path]:
 
 
 def segment_batch(in_folder, out_folder, *, model=None, device="auto", domain="auto", overwrite=False,
-                  reporter: Reporter | None = None, max_memory: int | None = None) -> int:
+                  reporter: Reporter | None = None, max_memory: int | None = None,
+                  min_component_ml: dict[str, float] | None = None) -> int:
     reporter = reporter or Reporter("none")
     in_folder, out_folder = Path(in_folder), Path(out_folder)
     if not in_folder.is_dir():
@@ -41,7 +42,7 @@ def segment_batch(in_folder, out_folder, *, model=None, device="auto", domain="a
         out_folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot be created: {e.strerror}", out_folder) from None
-    segmenter = Segmenter(model, device, reporter, max_memory=max_memory)
+    segmenter = Segmenter(model, device, reporter, max_memory=max_memory, min_component_ml=min_component_ml)
     results = []
     for n, scan in enumerate(scans, start=1):
         stem, suffix = _stem_and_suffix(scan)

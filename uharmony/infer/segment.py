@@ -24,6 +24,7 @@ from uharmony.data.io import Volume, atomic_output, check_output_path, read_head
 from uharmony.data.preprocess import from_model_grid, normalize_intensity, plan_grid, to_model_grid
 from uharmony.device import autocast, available_memory_bytes, choose_device, is_out_of_memory
 from uharmony.errors import BadInputError, ExitCode, OutOfMemoryError, UHarmonyError
+from uharmony.infer.postprocess import drop_small_components
 from uharmony.model import familiarity
 from uharmony.model.package import load_model
 from uharmony.model.registry import resolve_model
@@ -64,13 +65,16 @@ class Prediction:
     device: str
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    removed_ml: dict[str, float] = field(default_factory=dict)  # per class: small components relabelled
 
 
 class Segmenter:
     """Loads a model once and segments any number of inputs with it."""
 
     def __init__(self, model: str | Path | None = None, device: str = "auto", reporter: Reporter | None = None,
-                 max_memory: int | None = None):
+                 max_memory: int | None = None, min_component_ml: dict[str, float] | None = None):
+        """``min_component_ml``: per class name, the smallest component kept (0: keep all); overrides and
+        adds to the card's `postprocess.min_component_ml`."""
         self.reporter = reporter or Reporter("none")
         self.device = choose_device(device)
         self.model_dir = resolve_model(model)
@@ -83,6 +87,14 @@ class Segmenter:
         self.sw_batch_size = int(inp.get("sw_batch_size", 1))
         self.classes = sorted(self.card["classes"], key=lambda c: c["value"])
         self.model_sha256 = self.card["weights"]["sha256"]  # load_model checked the file against it
+        by_name = {c["name"].lower(): c["value"] for c in self.classes if c["value"] != 0}
+        floors = {**self.card.get("postprocess", {}).get("min_component_ml", {}), **(min_component_ml or {})}
+        unknown = [n for n in floors if n.lower() not in by_name]
+        if unknown:
+            raise UHarmonyError(f"no class {unknown[0]!r} to clean up in this model (it has: "
+                                f"{', '.join(c['name'] for c in self.classes[1:])})", self.model_dir, code=ExitCode.USAGE)
+        self.min_component_ml = {n: float(v) for n, v in floors.items() if v > 0}
+        self._floor_values = {by_name[n.lower()]: v for n, v in self.min_component_ml.items()}
 
     # -- public -------------------------------------------------------------------------------
     @property
@@ -179,10 +191,17 @@ class Segmenter:
             t0 = time.perf_counter()
             self.reporter.progress("postprocess", 0, 1)
             self._contrast_familiarity(x, logits[0], gate)
-            labels = from_model_grid(logits[0].float(), grid).argmax(0).to(torch.uint8).cpu().numpy()
+            scores = from_model_grid(logits[0].float(), grid)
+            labels = scores.argmax(0)
+            voxel_ml = abs(float(np.linalg.det(reference.affine[:3, :3]))) / 1000.0
+            floors = {v: math.ceil(ml / voxel_ml) for v, ml in self._floor_values.items()}
+            removed = drop_small_components(scores, labels, floors) if floors else {}
+            labels = labels.to(torch.uint8).cpu().numpy()
+            del scores
             self.reporter.progress("postprocess", 1, 1)
             timings["postprocess"] = time.perf_counter() - t0
-        return Prediction(labels, reference, gate, str(self.device), timings, notes)
+        removed_ml = {c["name"]: round(removed[c["value"]] * voxel_ml, 3) for c in self.classes if c["value"] in removed}
+        return Prediction(labels, reference, gate, str(self.device), timings, notes, removed_ml)
 
     # -- stages -------------------------------------------------------------------------------
     def _read_inputs(self, inputs: list[str | Path]) -> list[Volume]:
@@ -191,13 +210,15 @@ class Segmenter:
             raise BadInputError(
                 f"the model expects {want} input image(s) ({', '.join(self.channel_names)}), "
                 f"{len(inputs)} were given", inputs[0] if inputs else None)
-        # Estimate the peak before loading anything: inputs + model-grid copies + logits on the input grid.
+        # Estimate the peak before loading anything: inputs + model-grid copies + logits on the input grid
+        # (+ the label map, and the component map when small components are dropped).
         shape, affine, _ = read_header(inputs[0])
         n_in = int(np.prod(shape))
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
         n_model = int(np.prod([max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, self.spacing)]))
         n_classes = len(self.classes)
         need = 4 * (n_in * (want + n_classes + 1) + n_model * (want * 3 + n_classes * 3)) + n_in
+        need += 13 * n_in if self._floor_values else 0  # int64 argmax before the uint8 copy, int32 components, a mask
         limit = self.max_memory if self.max_memory is not None else available_memory_bytes()
         if need > limit:
             raise OutOfMemoryError(f"needs about {need / 2**30:.2f} GiB of memory to segment, "
@@ -299,6 +320,7 @@ class Segmenter:
             "notes": pred.notes,
             "domain": pred.gate.to_dict(),
             "classes": classes,
+            "postprocess": {"min_component_ml": self.min_component_ml, "removed_ml": pred.removed_ml},
             "timings_s": {k: round(v, 4) for k, v in pred.timings.items()},
             "intended_use": self.card["intended_use"],
             "limitations": self.card["limitations"],

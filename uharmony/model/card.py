@@ -78,6 +78,9 @@ CARD_SCHEMA = {
             "fov_views": {"type": "array", "minItems": 1, "items": {"type": "number", "exclusiveMinimum": 0.2,
                                                                    "maximum": 3}},
         }},
+        # clean-up of the label map (uharmony.infer.postprocess): per class name, the smallest component kept
+        "postprocess": {"type": "object", "additionalProperties": False, "properties": {
+            "min_component_ml": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}}}},
         "intended_use": {"type": "string"},
         "limitations": {"type": "array", "items": {"type": "string"}},
         "training": {"type": "object"},
@@ -112,6 +115,10 @@ def validate_card(card: dict, where: str | Path = CARD_FILE) -> dict:
     names = [c["name"].lower() for c in card["classes"]]
     if len(set(names)) != len(names):
         problems.append("class names are not unique (case-insensitive)")
+    foreground = [c["name"].lower() for c in card["classes"] if c["value"] != 0]
+    for name in card.get("postprocess", {}).get("min_component_ml", {}):
+        if name.lower() not in foreground:
+            problems.append(f"postprocess.min_component_ml names {name!r}, not a class of this model")
     if problems:
         raise BadModelError("card is inconsistent: " + "; ".join(problems), where)
     return card
