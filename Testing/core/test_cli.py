@@ -267,6 +267,8 @@ def test_info_prints_the_card(starter_dir):
     default = json.loads(run("info", "--json").stdout)  # no --model: the bundled default, the brain model
     assert default["name"] == "brain" and [d["name"] for d in default["domains"]] == [
         "mri-t1", "mri-t2", "mri-flair", "ct"]
+    assert "clean-up" not in p.stdout  # the starter card has no postprocess
+    assert "clean-up:  lesion pieces under 0.5 mL go to the next likely class" in run("info").stdout
 
 
 def test_every_subcommand_has_help():

@@ -163,6 +163,8 @@ def card_summary(card: dict) -> str:
            if card["gate"].get("fov_views") else ""),
         "  classes:",
         *(f"    {c['value']:>3}  {c['name']}" for c in sorted(card["classes"], key=lambda c: c["value"])),
+        *(f"  clean-up:  {name} pieces under {ml:g} mL go to the next likely class"
+          for name, ml in card.get("postprocess", {}).get("min_component_ml", {}).items()),
         f"  intended use: {card['intended_use']}",
         "  limitations:",
         *(f"    - {x}" for x in card["limitations"]),
