@@ -265,12 +265,12 @@ def test_segment_drops_small_components_by_card_and_by_option(starter_dir, phant
     assert (cleaned.labels[~moved] == plain.labels[~moved]).all()  # nothing else changes
     assert set(np.unique(cleaned.labels[moved])) <= {0, 1, 2, 4}
     report = seg.make_report(cleaned, ["in"], "out")
-    assert report["postprocess"] == {"min_component_ml": {"White Matter": wm_ml + 1},
+    assert report["postprocess"] == {"min_component_ml": {"white matter": wm_ml + 1},
                                      "removed_ml": {"white matter": pytest.approx(wm_ml, abs=1e-3)}}
     wm = next(c for c in report["classes"] if c["name"] == "white matter")
     assert wm["voxels"] == 0
-    # the option overrides the card: 0 keeps every piece
-    kept = Segmenter(pkg, "cpu", min_component_ml={"White Matter": 0}).predict_volumes([vol])
+    # the option overrides the card, whatever the case of the name: 0 keeps every piece
+    kept = Segmenter(pkg, "cpu", min_component_ml={"WHITE matter": 0}).predict_volumes([vol])
     assert (kept.labels == plain.labels).all() and kept.removed_ml == {}
     with pytest.raises(UHarmonyError, match="no class 'tumour'") as e:
         Segmenter(pkg, "cpu", min_component_ml={"tumour": 1.0})

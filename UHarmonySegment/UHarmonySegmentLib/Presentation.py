@@ -102,7 +102,7 @@ class ResultSummary:
     domain_probability: float | None = None
     probabilities_text: str = ""
     unfamiliar: bool = False
-    unsure: bool = False  # the gate chose without a majority (the report's domain.unsure)
+    unsure: bool = False  # the gate's first two domains were close (the report's domain.unsure)
     warning_text: str = ""
     rows: list[SegmentRow] = field(default_factory=list)
     intended_use: str = ""

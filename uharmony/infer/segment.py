@@ -87,14 +87,15 @@ class Segmenter:
         self.sw_batch_size = int(inp.get("sw_batch_size", 1))
         self.classes = sorted(self.card["classes"], key=lambda c: c["value"])
         self.model_sha256 = self.card["weights"]["sha256"]  # load_model checked the file against it
-        by_name = {c["name"].lower(): c["value"] for c in self.classes if c["value"] != 0}
-        floors = {**self.card.get("postprocess", {}).get("min_component_ml", {}), **(min_component_ml or {})}
-        unknown = [n for n in floors if n.lower() not in by_name]
+        named = {c["name"].lower(): c for c in self.classes if c["value"] != 0}  # names match case-insensitively
+        asked = [*self.card.get("postprocess", {}).get("min_component_ml", {}).items(), *(min_component_ml or {}).items()]
+        unknown = [n for n, _ in asked if n.lower() not in named]
         if unknown:
             raise UHarmonyError(f"no class {unknown[0]!r} to clean up in this model (it has: "
                                 f"{', '.join(c['name'] for c in self.classes[1:])})", self.model_dir, code=ExitCode.USAGE)
-        self.min_component_ml = {n: float(v) for n, v in floors.items() if v > 0}
-        self._floor_values = {by_name[n.lower()]: v for n, v in self.min_component_ml.items()}
+        floors = {named[n.lower()]["name"]: float(v) for n, v in asked}  # the option's entries come last: they win
+        self.min_component_ml = {n: v for n, v in floors.items() if v > 0}
+        self._floor_values = {named[n.lower()]["value"]: v for n, v in self.min_component_ml.items()}
 
     # -- public -------------------------------------------------------------------------------
     @property
