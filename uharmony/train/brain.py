@@ -157,7 +157,7 @@ def synthetic_evaluation(model_dir: str, data: str) -> dict:
 def finish_card(card: dict, real: dict, synthetic: dict | None = None) -> dict:
     card = dict(card)
     card["name"] = "brain"
-    card["version"] = "1.8.0"
+    card["version"] = "1.8.1"
     card["description"] = ("Default UHarmony brain model: one U-Harmony network with four domains (MRI T1-like, "
                            "T2/PD-like, FLAIR-like, CT), trained on atlas-based synthetic heads (GIN in stages 1-2).")
     card["intended_use"] = INTENDED_USE
