@@ -355,6 +355,10 @@ def test_summarize_report_texts_rows_and_warning():
     both = summarize_report(dict(report, domain=dict(report["domain"], unsure=True)))
     assert both.warning_text.startswith("Unfamiliar input") and both.warning_text.endswith("segment again.")
     assert not familiar.warned
+    assert s.cleanup_text == "" and familiar.cleanup_text == ""
+    cleaned = summarize_report(dict(report, postprocess={"min_component_ml": {"lesion": 0.5},
+                                                         "removed_ml": {"lesion": 1.33}}))
+    assert cleaned.cleanup_text == "lesion pieces under 0.5 mL relabelled (1.3 mL)"
     assert normalise_color("bad") is None and normalise_color([1, 2]) is None
 
 

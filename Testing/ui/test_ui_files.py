@@ -227,7 +227,12 @@ def test_helpers_fill_the_segment_ui(app):
     WidgetHelpers.show_result(qt, ui, summarize_report(unsure))
     assert ui.unfamiliarWarningLabel.isVisible() and "gate is unsure (synth-t1 55%, synth-t2 45%)" in ui.unfamiliarWarningLabel.text()
     WidgetHelpers.show_result(qt, ui, summarize_report(DEMO_REPORT))
-    assert not ui.unfamiliarWarningLabel.isVisible()
+    assert not ui.unfamiliarWarningLabel.isVisible() and ui.cleanupLabel.text() == "none"
+    cleaned = dict(DEMO_REPORT, postprocess={"min_component_ml": {"lesion": 0.5}, "removed_ml": {"lesion": 0.0}})
+    WidgetHelpers.show_result(qt, ui, summarize_report(cleaned))
+    assert ui.cleanupLabel.text() == "lesion pieces under 0.5 mL relabelled (0.0 mL)"
+    WidgetHelpers.clear_result(ui)
+    assert ui.cleanupLabel.text() == "-"
     widget.deleteLater()
 
 

@@ -109,6 +109,7 @@ class ResultSummary:
     limitations: list[str] = field(default_factory=list)
     model_text: str = ""
     device_text: str = ""
+    cleanup_text: str = ""  # the report's postprocess: which small pieces were relabelled
 
     @property
     def warned(self) -> bool:
@@ -179,6 +180,11 @@ def summarize_report(report: dict | None) -> ResultSummary:
         summary.model_text = " ".join(parts)
     if report.get("device"):
         summary.device_text = str(report["device"])
+    post = report.get("postprocess") or {}
+    floors, removed = post.get("min_component_ml") or {}, post.get("removed_ml") or {}
+    summary.cleanup_text = "; ".join(
+        f"{name} pieces under {float(ml):g} mL relabelled ({float(removed.get(name) or 0):.1f} mL)"
+        for name, ml in floors.items())
     return summary
 
 

@@ -94,7 +94,7 @@ def fit_table_height(table, minimum_rows: int = 3) -> None:
 
 def clear_result(ui) -> None:
     ui.unfamiliarWarningLabel.setVisible(False)
-    for name in ("domainLabel", "probabilitiesLabel", "modelInfoLabel"):
+    for name in ("domainLabel", "probabilitiesLabel", "modelInfoLabel", "cleanupLabel"):
         getattr(ui, name).setText("-")
     ui.segmentsTable.setRowCount(0)
     fit_table_height(ui.segmentsTable)
@@ -113,6 +113,7 @@ def show_result(qt, ui, summary: ResultSummary) -> None:
     ui.domainLabel.setText(summary.domain_text or "-")
     ui.probabilitiesLabel.setText(summary.probabilities_text or "-")
     ui.modelInfoLabel.setText(" on ".join(x for x in (summary.model_text, summary.device_text) if x) or "-")
+    ui.cleanupLabel.setText(summary.cleanup_text or "none")
     ui.unfamiliarWarningLabel.setText(summary.warning_text)
     ui.unfamiliarWarningLabel.setVisible(summary.warned)
     table = ui.segmentsTable
