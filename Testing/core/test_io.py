@@ -634,3 +634,11 @@ def test_resample_refuses_volumes_that_do_not_overlap(tmp_path):
     assert np.all(io._world_box(Volume(sample((10, 10, 10)), tilted, "x"))[0][:2] < 9.5)  # boxes overlap
     with pytest.raises(BadInputError, match="does not overlap"):
         resample_onto(Volume(sample((10, 10, 10)), tilted, moving.path), reference)
+
+
+def test_voxel_ml_is_the_affine_volume_oblique_and_flipped_included():
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([2.0, -2.0, 3.0])  # a flipped axis: negative determinant
+    assert Volume(np.zeros((2, 2, 2), np.float32), affine, "x").voxel_ml == pytest.approx(0.012)

@@ -64,6 +64,11 @@ class Volume:
         return _spacing(self.affine)
 
     @property
+    def voxel_ml(self) -> float:
+        """One voxel's volume in mL (an oblique or sheared affine included)."""
+        return abs(float(np.linalg.det(np.asarray(self.affine, dtype=np.float64)[:3, :3]))) / 1000.0
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
 

@@ -21,19 +21,17 @@ def drop_small_components(scores: torch.Tensor, labels: torch.Tensor, min_voxels
     relabelled per class. scipy labels the components (MONAI's RemoveSmallObjects needs scikit-image
     and gives no next-best class).
     """
-    drops: dict[int, torch.Tensor | None] = {}
+    drops: dict[int, torch.Tensor] = {}  # measured first, relabelled after: one pass
     for value, floor in min_voxels.items():
         mask = (labels == value).cpu().numpy()
-        if floor <= 1 or not mask.any():
-            drops[value] = None
-            continue
-        components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-        small = np.bincount(components.ravel()) < floor
-        small[0] = False
-        drops[value] = torch.from_numpy(small[components]).to(labels.device)
-    removed: dict[int, int] = {}
+        if floor > 1 and mask.any():
+            components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+            small = np.bincount(components.ravel()) < floor
+            small[0] = False
+            drops[value] = torch.from_numpy(small[components]).to(labels.device)
+    removed = dict.fromkeys(min_voxels, 0)
     for value, drop in drops.items():
-        removed[value] = 0 if drop is None else int(drop.sum())
+        removed[value] = int(drop.sum())
         if removed[value]:
             others = scores[:, drop].clone()
             others[value] = -torch.inf

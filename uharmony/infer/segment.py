@@ -194,14 +194,14 @@ class Segmenter:
             self._contrast_familiarity(x, logits[0], gate)
             scores = from_model_grid(logits[0].float(), grid)
             labels = scores.argmax(0)
-            voxel_ml = abs(float(np.linalg.det(reference.affine[:3, :3]))) / 1000.0
-            floors = {v: math.ceil(ml / voxel_ml) for v, ml in self._floor_values.items()}
+            floors = {v: math.ceil(ml / reference.voxel_ml) for v, ml in self._floor_values.items()}
             removed = drop_small_components(scores, labels, floors) if floors else {}
             labels = labels.to(torch.uint8).cpu().numpy()
             del scores
             self.reporter.progress("postprocess", 1, 1)
             timings["postprocess"] = time.perf_counter() - t0
-        removed_ml = {c["name"]: round(removed[c["value"]] * voxel_ml, 3) for c in self.classes if c["value"] in removed}
+        removed_ml = {c["name"]: round(removed[c["value"]] * reference.voxel_ml, 3)
+                      for c in self.classes if c["value"] in removed}
         return Prediction(labels, reference, gate, str(self.device), timings, notes, removed_ml)
 
     # -- stages -------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ class Segmenter:
 
     # -- report -------------------------------------------------------------------------------
     def make_report(self, pred: Prediction, inputs, output) -> dict:
-        voxel_ml = abs(float(np.linalg.det(pred.reference.affine[:3, :3]))) / 1000.0
+        voxel_ml = pred.reference.voxel_ml
         counts = np.bincount(pred.labels.reshape(-1), minlength=len(self.classes))
         classes = []
         for c in self.classes:
