@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gin-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an `augment` setting for every run with GIN on, adaptation included, the value in JSON "
                         "(repeatable): ipa=true, gin_p=0.25, gin_kernel_sizes=[1]; recorded in --json and the table")
+    q.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"),
+                   help="where every model trains and is scored (default cpu: figures that repeat to the digit; a "
+                        "GPU fits budgets of 10000+ steps, where GIN starts to pay, into the hour); recorded in --json")
     q.add_argument("--workers", type=int, default=0,
                    help="train each (seed, GIN setting, method) in its own single-threaded process, this many at a "
                         "time, then print one table (default 0: one per CPU core; 1: everything in this process)")
@@ -358,19 +361,22 @@ def _dispatch(args, reporter: Reporter) -> int:
                                     f"not a training style of the benchmark ({' '.join(BENCH_TRAIN_DOMAINS)})",
                                     code=ExitCode.USAGE)
             gin_options = parse_gin_options(args.gin_option)
+            from uharmony.device import choose_device
+
+            device = choose_device(args.device).type  # auto resolved here, so the results name the device used
             if args.single_source:
                 return single_source.run_single_source(work=args.work, seeds=tuple(args.seeds), steps=args.steps or 500,
                                                        train_cases=args.cases, val_cases=2 if args.quick else 3,
                                                        quick=args.quick, json_path=args.json, gin_options=gin_options,
                                                        sources=tuple(args.sources or BENCH_TRAIN_DOMAINS),
-                                                       gin=GIN_SETTINGS[args.gin])
+                                                       gin=GIN_SETTINGS[args.gin], device=device)
             from uharmony.bench.generalize import DEFAULT_STEPS
 
             return run_bench_generalize(work=args.work, seeds=tuple(args.seeds), steps=args.steps or DEFAULT_STEPS,
                                         train_cases=args.cases, val_cases=2 if args.quick else 3, quick=args.quick,
                                         json_path=args.json, methods=tuple(args.methods), gate=args.gate,
                                         adapt=not args.no_adapt, workers=_workers(args.workers),
-                                        gin=GIN_SETTINGS[args.gin], gin_options=gin_options)
+                                        gin=GIN_SETTINGS[args.gin], gin_options=gin_options, device=device)
         if args.bench_command == "fed":
             from uharmony.bench.fed import print_from_json as fed_from_json
             from uharmony.bench.fed import ROUNDS, SITE_BATCH, run_bench_fed

@@ -43,11 +43,17 @@ def test_gin_off_trains_one_setting_and_from_json_merges_runs_split_over_process
     out = tmp_path / "joint.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "UHARMONY_DATA": str(tmp_path / "cache/sources")}
     cmd = [sys.executable, "-m", "uharmony", "bench", "generalize", "--quick", "--seeds", "0", "--steps", "3",
-           "--cases", "2", "--methods", "joint", "--gin", "off", "--work", str(tmp_path / "work"), "--json", str(out)]
+           "--cases", "2", "--methods", "joint", "--gin", "off", "--work", str(tmp_path / "work"), "--json", str(out),
+           "--device", "auto"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert set(res["runs"]) == {"joint"} and res["seeds"] == [0]
+    # --device auto is resolved before training: the results and the run's own config name the device it used
+    from uharmony.device import detect
+
+    assert res["config"]["device"] == detect()["auto"]
+    assert json.loads((tmp_path / "work/runs/seed0/joint.json").read_text())["device"] == detect()["auto"]
     # scored on the never-seen tissue orders too (FLAIR's validation anatomy in each), shown as one column
     scores = res["runs"]["joint"]["0"]
     assert all(0 <= scores[d]["score"] <= 1 for d in ("order-gcw", "order-gwc", "order-wcg"))
@@ -139,3 +145,34 @@ def test_the_new_tissue_orders_column_is_the_per_seed_mean_and_has_its_gin_targe
     assert "| joint | 80.0 ± 0.0 | 80.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 30.0 ± 14.1 (n=2) | 73.3 |" in table
     assert "| joint | 40.0 ± 14.1 (n=2) | 30.0 ± 14.1 (n=2) | 20.0 ± 14.1 (n=2) |" in table
     assert "| joint+GIN | 80.0 ± 0.0 | 80.0 ± 0.0 | 60.0 ± 0.0 | 40.0 ± 0.0 | 40.0 ± 14.1 | 73.3 |" in table
+
+
+def test_a_device_this_machine_lacks_is_refused_in_one_line_before_any_data_is_made(tmp_path):
+    from uharmony.device import detect
+
+    found = detect()
+    absent = "cuda" if not found["cuda"] else "mps" if not found["mps"] else None
+    if absent is None:
+        import pytest
+
+        pytest.skip("this machine has both CUDA and MPS")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "UHARMONY_DATA": str(tmp_path / "cache/sources")}
+    for extra in ([], ["--single-source"]):
+        r = subprocess.run([sys.executable, "-m", "uharmony", "bench", "generalize", "--quick", "--device", absent,
+                            "--work", str(tmp_path / "work"), *extra], capture_output=True, text=True, timeout=120,
+                           env=env)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr.strip().splitlines() == [f"uharmony: error: --device {absent} was asked for, but "
+                                                 + ("no CUDA GPU is available" if absent == "cuda"
+                                                    else "Apple MPS is not available") + " (try --device auto)"]
+        assert not (tmp_path / "work").exists()
+
+
+def test_the_device_reaches_every_run_and_the_table_names_a_gpu():
+    from uharmony.bench.generalize import budget, format_table
+
+    assert budget(1000, False)["device"] == "cpu" and budget(1000, False, device="cuda")["device"] == "cuda"
+    assert budget(3, True, device="mps")["device"] == "mps"
+    title = lambda **kw: format_table({}, seeds=[0], steps=15000, quick=False, minutes=42.0, **kw).splitlines()[0]  # noqa: E731
+    assert title(device="cuda").endswith("15000 steps per model on cuda; 42.0 min in all")
+    assert title().endswith("15000 steps per model; 42.0 min in all")  # the CPU tables read as before

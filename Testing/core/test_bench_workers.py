@@ -89,6 +89,11 @@ def test_each_job_runs_in_one_process_and_adaptation_goes_with_its_model(tmp_pat
         assert j.args[i + 1] == "1"  # a job must not spawn workers of its own (the default is one per core)
         assert ("--no-adapt" not in j.args) == (j.name.endswith("uharmony+GIN")), j.name
     assert max(jobs, key=lambda j: j.cost).name.endswith("uharmony+GIN")
+    # each job trains and scores on the command line's device (cpu unless told)
+    assert all(j.args[j.args.index("--device") + 1] == "cpu" for j in jobs)
+    gpu = worker_jobs(tmp_path, seeds=(0,), steps=10, train_cases=2, quick=True, methods=("joint",), adapt=False,
+                      gate="negative-free", gin=(True,), parts=tmp_path / "parts", device="cuda")
+    assert [j.args[j.args.index("--device") + 1] for j in gpu] == ["cuda"]
 
 
 def test_bench_fed_jobs_one_per_arm_seed_and_gin_setting(tmp_path):

@@ -47,16 +47,18 @@ NEW_ORDERS = "new tissue orders"  # the table's column: the mean over heads.BENC
 EVAL_OVERLAP = 0.25  # sliding-window overlap of the benchmark's evaluations (the models' own cards say 0.5)
 
 
-def budget(steps: int, quick: bool, gate: str = DEFAULT_GATE) -> dict:
-    """The config shared by every run (`uharmony train --config` keys); ``gate``: the gate.method."""
+def budget(steps: int, quick: bool, gate: str = DEFAULT_GATE, device: str = "cpu") -> dict:
+    """The config shared by every run (`uharmony train --config` keys); ``gate``: the gate.method; ``device``:
+    where every model trains and is scored (cpu, the default, for figures that repeat to the digit; a GPU
+    makes budgets of 10000+ steps, where GIN starts to pay, fit the benchmark's hour)."""
     if quick:  # smoke test: seconds, not meaningful
         return {"steps": steps, "batch_size": 2, "patch_size": [16, 16, 16], "spacing_mm": [6.0] * 3,
-                "val_every": 0, "val_cases": 1, "checkpoint_every": 0, "device": "cpu", "lr": 3e-3,
+                "val_every": 0, "val_cases": 1, "checkpoint_every": 0, "device": device, "lr": 3e-3,
                 "model": {"filters": [4, 8, 8], "strides": [1, 2, 2]},
                 "gate": {"input_size": [8, 8, 8], "filters": [4, 8], "method": gate, "pretrain_steps": 5,
                          "pretrain_views": 12}}
     return {"steps": steps, "batch_size": 2, "patch_size": [24, 24, 24], "spacing_mm": [4.0] * 3,
-            "val_every": 0, "val_cases": 4, "checkpoint_every": 0, "device": "cpu", "lr": 3e-3, "fg_prob": 0.8,
+            "val_every": 0, "val_cases": 4, "checkpoint_every": 0, "device": device, "lr": 3e-3, "fg_prob": 0.8,
             "model": {"filters": [8, 16, 32, 64], "strides": [1, 2, 2, 2], "harmony_levels": 2},
             "gate": {"input_size": [24, 24, 24], "filters": [8, 16, 32], "method": gate}}
 
@@ -98,8 +100,8 @@ def _score(dice: dict) -> float | None:
     return float(np.mean(v)) if v else None
 
 
-def _evaluator(data: dict[str, Path], spacing, gate_view):
-    """A function (model, mode) -> {domain: score}, with the validation cases prepared once."""
+def _evaluator(data: dict[str, Path], spacing, gate_view, device: str = "cpu"):
+    """A function (model, mode) -> {domain: score}, with the validation cases prepared once; scored on ``device``."""
     from uharmony.data.datalist import union_label_space
     from uharmony.progress import Reporter
     from uharmony.train.data import load_datasets
@@ -115,7 +117,7 @@ def _evaluator(data: dict[str, Path], spacing, gate_view):
 
     def run(model, mode: str, patch, only=None) -> dict[str, dict]:
         sets = {d: v for d, v in by_dom.items() if only is None or d in only}
-        res = evaluate(model, sets, union, mode=mode, patch=patch, device=torch.device("cpu"), overlap=EVAL_OVERLAP)
+        res = evaluate(model, sets, union, mode=mode, patch=patch, device=torch.device(device), overlap=EVAL_OVERLAP)
         return {d: {"score": _score(res["dice"][d]), "dice": res["dice"][d], "gate": res["gate_accuracy"][d]}
                 for d in res["dice"]}
     return run
@@ -124,12 +126,13 @@ def _evaluator(data: dict[str, Path], spacing, gate_view):
 def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int = DEFAULT_STEPS, train_cases: int = 12,
                          val_cases: int = 3, quick: bool = False, json_path: str | None = None,
                          methods=("uharmony", "joint", "separate"), adapt: bool = True, gate: str = DEFAULT_GATE,
-                         gin=(False, True), workers: int = 1, gin_options: dict | None = None) -> int:
+                         gin=(False, True), workers: int = 1, gin_options: dict | None = None,
+                         device: str = "cpu") -> int:
     """Train and score `methods` for every seed and GIN setting in `gin`; the adaptation rows (which adapt the
     uharmony+GIN model) only with `adapt`, uharmony among the methods and GIN on among the settings.
     ``gin_options``: `augment` keys (say ``{"ipa": True}``) for every run with GIN on, adaptation included.
     ``workers`` > 1: each (seed, GIN setting, method) in its own single-threaded process, that many at a time
-    (`run_in_workers`)."""
+    (`run_in_workers`). ``device``: a torch device type (cpu, cuda, mps), recorded in the results' config."""
     from uharmony.data.sources import cache_root
     from uharmony.model.package import load_model
     from uharmony.progress import Reporter
@@ -139,12 +142,12 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
     t0 = time.time()
     root = Path(work) if work else cache_root().parent / "bench-generalize"
     root.mkdir(parents=True, exist_ok=True)
-    base = budget(steps, quick, gate)
+    base = budget(steps, quick, gate, device)
     data = make_data(root, train=train_cases, val=val_cases, spacing=base["spacing_mm"][0])
     if workers > 1:
         return run_in_workers(root, workers, seeds=seeds, steps=steps, train_cases=train_cases, val_cases=val_cases,
                               quick=quick, json_path=json_path, methods=methods, adapt=adapt, gate=gate, gin=gin,
-                              gin_options=gin_options)
+                              gin_options=gin_options, device=device)
     train_doms = [str(data[d]) for d in heads.BENCH_TRAIN_DOMAINS]
     rep = Reporter("none")
     gin_options = dict(gin_options or {})
@@ -184,7 +187,7 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
                         model, card = load_model(sub)
                         own = card["domains"][0]["name"]
                         if evaluate_with is None:
-                            evaluate_with = _evaluator(data, base["spacing_mm"], model.gate.downsample)
+                            evaluate_with = _evaluator(data, base["spacing_mm"], model.gate.downsample, device)
                         s = evaluate_with(model, "joint", tuple(base["patch_size"]))
                         merged.setdefault(own, []).append(s[own])
                         for d in UNSEEN_STYLES:
@@ -196,7 +199,7 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
                 out = train(method + tag, seed, {**cfg, "method": method}, train_doms)
                 model, _ = load_model(out)
                 if evaluate_with is None:
-                    evaluate_with = _evaluator(data, base["spacing_mm"], model.gate.downsample)
+                    evaluate_with = _evaluator(data, base["spacing_mm"], model.gate.downsample, device)
                 mode = "joint" if method == "joint" else "auto"
                 record(method + tag, seed, evaluate_with(model, mode, tuple(base["patch_size"])))
                 if method == "uharmony":
@@ -211,7 +214,7 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
 
     summary = summarise(results)
     print(report(summary, seeds=seeds, steps=steps, quick=quick, minutes=(time.time() - t0) / 60,
-                 gin_options=gin_options))
+                 gin_options=gin_options, device=device))
     if json_path:
         write_json(json_path, {"summary": summary, "runs": results, "seconds": seconds, "config": base,
                                "model": effective_model(base), "gin_options": gin_options, "seeds": list(seeds),
@@ -220,7 +223,7 @@ def run_bench_generalize(*, work: str | None = None, seeds=(0, 1, 2), steps: int
 
 
 def worker_jobs(root: Path, *, seeds, steps: int, train_cases: int, quick: bool, methods, adapt: bool, gate: str,
-                gin, parts: Path, gin_options: dict | None = None) -> list:
+                gin, parts: Path, gin_options: dict | None = None, device: str = "cpu") -> list:
     """One `uharmony bench generalize` command per (seed, GIN setting, method), each writing parts/<name>.json;
     the adaptation rows go with the uharmony+GIN job of their seed (they adapt its model)."""
     from uharmony.bench.workers import Job
@@ -233,7 +236,8 @@ def worker_jobs(root: Path, *, seeds, steps: int, train_cases: int, quick: bool,
                 name = f"seed{seed}-{method}{'+GIN' if with_gin else ''}"
                 args = ["bench", "generalize", "--work", str(root), "--seeds", str(seed), "--steps", str(steps),
                         "--cases", str(train_cases), "--methods", method, "--gin", "on" if with_gin else "off",
-                        "--gate", gate, "--json", str(parts / f"{name}.json"), "--workers", "1"]  # a job spawns none
+                        "--gate", gate, "--json", str(parts / f"{name}.json"), "--workers", "1",  # a job spawns none
+                        "--device", device]
                 args += ([] if adapts else ["--no-adapt"]) + (["--quick"] if quick else [])
                 args += gin_option_args(gin_options)  # GIN off too (ignored there): the parts then merge
                 # run time in models of `steps` steps: adaptation takes 1 more, the from-start model 4/3
@@ -242,7 +246,8 @@ def worker_jobs(root: Path, *, seeds, steps: int, train_cases: int, quick: bool,
 
 
 def run_in_workers(root: Path, workers: int, *, seeds, steps: int, train_cases: int, val_cases: int, quick: bool,
-                   json_path: str | None, methods, adapt: bool, gate: str, gin, gin_options: dict | None = None) -> int:
+                   json_path: str | None, methods, adapt: bool, gate: str, gin, gin_options: dict | None = None,
+                   device: str = "cpu") -> int:
     """The benchmark as `worker_jobs`, `workers` processes at a time (`uharmony.bench.workers`); their files
     merged into one table and, with `json_path`, one results file. The data exist already (made by the caller),
     so no two processes render the same case."""
@@ -255,7 +260,7 @@ def run_in_workers(root: Path, workers: int, *, seeds, steps: int, train_cases: 
     t0 = time.time()
     parts = root / "parts"
     jobs = worker_jobs(root, seeds=seeds, steps=steps, train_cases=train_cases, quick=quick, methods=methods,
-                       adapt=adapt, gate=gate, gin=gin, parts=parts, gin_options=gin_options)
+                       adapt=adapt, gate=gate, gin=gin, parts=parts, gin_options=gin_options, device=device)
     for job in jobs:
         (parts / f"{job.name}.json").unlink(missing_ok=True)  # a file left by an earlier run is not this run's
     bar = tqdm(total=len(jobs), desc=f"jobs ({workers} at a time)", file=sys.stderr)
@@ -274,7 +279,8 @@ def run_in_workers(root: Path, workers: int, *, seeds, steps: int, train_cases: 
     merged["workers"] = workers
     merged["job_minutes"] = {k: round(v / 60, 1) for k, v in seconds.items()}
     print(report(summarise(merged["runs"]), seeds=seeds, steps=steps, quick=quick, minutes=merged["minutes"],
-                 note=f"({len(jobs)} single-threaded jobs, {workers} at a time)", gin_options=merged["gin_options"]))
+                 note=f"({len(jobs)} single-threaded jobs, {workers} at a time)", gin_options=merged["gin_options"],
+                 device=device))
     if json_path:
         write_json(json_path, merged)
     return 0
@@ -288,7 +294,7 @@ def adapt_vs_joint(root: Path, seed: int, base: dict, data: dict, train, run_ada
     out = root / "runs" / f"seed{seed}" / "adapted"
     cfg_path = root / "runs" / f"seed{seed}" / "adapt.json"
     # as many steps as a model's training (half of them until 2026-12-03: at 1000 steps that reached only 84 %)
-    cfg_path.write_text(json.dumps({"steps": base["steps"], "seed": seed, "device": "cpu",
+    cfg_path.write_text(json.dumps({"steps": base["steps"], "seed": seed, "device": base["device"],
                                     "checkpoint_every": 0, "augment": augment_section(True, gin_options)}))
     t = time.time()
     run_adapt(str(src), [str(data["adapt"])], [str(data[d]) for d in heads.BENCH_TRAIN_DOMAINS], str(out),
@@ -350,9 +356,9 @@ def gin_options_line(gin_options: dict | None) -> list[str]:
 
 
 def report(summary: dict, *, seeds, steps: int, quick: bool, minutes: float, note: str = "",
-           gin_options: dict | None = None) -> str:
+           gin_options: dict | None = None, device: str = "cpu") -> str:
     """The printed result of a `summarise`d run: the table, `note` below it, the target checks."""
-    table = format_table(summary, seeds=list(seeds), steps=steps, quick=quick, minutes=minutes)
+    table = format_table(summary, seeds=list(seeds), steps=steps, quick=quick, minutes=minutes, device=device)
     table = "\n".join([table, *gin_options_line(gin_options)])
     return table + (f"\n{note}" if note else "") + "\n\n" + "\n".join(check_targets(summary))
 
@@ -367,12 +373,13 @@ def cell(row: dict, d: str) -> str:
     return f"{100 * c['mean']:.1f} ± {100 * c['sd']:.1f}" + (f" (n={c['n']})" if c.get("n", most) < most else "")
 
 
-def format_table(summary: dict, *, seeds, steps: int, quick: bool, minutes: float) -> str:
+def format_table(summary: dict, *, seeds, steps: int, quick: bool, minutes: float, device: str = "cpu") -> str:
     doms = [*heads.BENCH_TRAIN_DOMAINS, heads.BENCH_UNSEEN_DOMAIN, NEW_ORDERS]
     unseen = {heads.BENCH_UNSEEN_DOMAIN: " (unseen)", NEW_ORDERS: f" (unseen, mean of {len(heads.BENCH_NOVEL_STYLES)})"}
     head = "| method | " + " | ".join(d + unseen.get(d, "") for d in doms) + " | mean of trained |"
     title = (f"Dice (mean of CSF, GM, WM; mean ± sd over seeds {', '.join(map(str, seeds))}); {steps} steps per "
-             f"model{' (QUICK smoke run: not meaningful)' if quick else ''}; {minutes:.1f} min in all")
+             f"model{' (QUICK smoke run: not meaningful)' if quick else ''}"
+             f"{'' if device == 'cpu' else f' on {device}'}; {minutes:.1f} min in all")
     lines = [title, "",
              head, "|" + "---|" * (len(doms) + 2)]
     for label, row in summary.items():
@@ -489,5 +496,5 @@ def print_from_json(docs: list[tuple[str, dict]]) -> int:
     read them (merged: the same budget, each run in one file only)."""
     r = merge_results(docs) if len(docs) > 1 else docs[0][1]
     print(report(summarise(r["runs"]), seeds=r["seeds"], steps=r["config"]["steps"], quick=False, minutes=r["minutes"],
-                 gin_options=r.get("gin_options")))
+                 gin_options=r.get("gin_options"), device=r["config"].get("device", "cpu")))
     return 0

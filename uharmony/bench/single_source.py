@@ -28,10 +28,12 @@ ARMS = {"": False, "+GIN": True}  # label suffix -> GIN on
 
 def run_single_source(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 500, train_cases: int = 12,
                       val_cases: int = 3, quick: bool = False, json_path: str | None = None,
-                      gin_options: dict | None = None, sources=heads.BENCH_TRAIN_DOMAINS, gin=(False, True)) -> int:
+                      gin_options: dict | None = None, sources=heads.BENCH_TRAIN_DOMAINS, gin=(False, True),
+                      device: str = "cpu") -> int:
     """``gin_options``: as `run_bench_generalize`'s, for the +GIN networks. ``sources``: which training styles
     get a network; ``gin``: which arms (False: without GIN, True: with it). A long run can be split over
-    processes by source or arm and printed as one table with `print_from_json`."""
+    processes by source or arm and printed as one table with `print_from_json`. ``device``: as
+    `run_bench_generalize`'s."""
     from uharmony.data.sources import cache_root
     from uharmony.model.package import load_model
     from uharmony.progress import Reporter
@@ -39,7 +41,7 @@ def run_single_source(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 
 
     t0 = time.time()
     root = Path(work) if work else cache_root().parent / "bench-generalize"
-    base = G.budget(steps, quick)
+    base = G.budget(steps, quick, device=device)
     data = G.make_data(root, train=train_cases, val=val_cases, spacing=base["spacing_mm"][0])
     rep = Reporter("none")
     runs: dict[str, dict[str, dict[int, dict]]] = {}  # source -> arm -> seed -> {style: score}
@@ -57,7 +59,7 @@ def run_single_source(*, work: str | None = None, seeds=(0, 1, 2), steps: int = 
                 run_train([str(data[source])], str(out), str(cfg_path), overwrite=True, reporter=rep, argv=["bench"])
                 model, _ = load_model(out)
                 if evaluate_with is None:
-                    evaluate_with = G._evaluator(data, base["spacing_mm"], model.gate.downsample)
+                    evaluate_with = G._evaluator(data, base["spacing_mm"], model.gate.downsample, device)
                 s = evaluate_with(model, "joint", tuple(base["patch_size"]))
                 scores = {d: s[d]["score"] for d in (*STYLES, *heads.BENCH_NOVEL_STYLES) if d in s}
                 runs.setdefault(source, {}).setdefault(tag, {})[seed] = scores
@@ -108,10 +110,11 @@ def check_target(summary: dict) -> str:
 
 def format_report(result: dict, *, quick: bool = False) -> str:
     summary = summarise(result["runs"])
-    steps = result["config"]["steps"]
+    steps, device = result["config"]["steps"], result["config"].get("device", "cpu")
     lines = [f"Single-source: one network per training style, Dice (mean of CSF, GM, WM) on every style, mean over "
              f"seeds {', '.join(map(str, result['seeds']))}; {steps} steps per model"
-             f"{' (QUICK smoke run: not meaningful)' if quick else ''}; {result['minutes']:.1f} min in all",
+             f"{' (QUICK smoke run: not meaningful)' if quick else ''}{'' if device == 'cpu' else f' on {device}'}; "
+             f"{result['minutes']:.1f} min in all",
              *G.gin_options_line(result.get("gin_options")), "",
              "| trained on | " + " | ".join(d + (" (held back)" if d == heads.BENCH_UNSEEN_DOMAIN else "")
                                          for d in STYLES) + f" | mean on never-seen styles | {G.NEW_ORDERS} |",
