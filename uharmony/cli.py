@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gin-option", action="append", default=[], metavar="KEY=VALUE",
                    help="as for generalize: a GIN/IPA setting for every run with GIN on, both arms (fed.toml's train "
                         "section has the same keys), e.g. gin_kernel_sizes=[1]")
+    q.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"),
+                   help="as for generalize: where both arms (the sites too) train and every model is scored "
+                        "(default cpu); recorded in --json")
 
     p = sub.add_parser("train", help="train a model jointly on several datalists (see docs/training.md)", epilog=EPILOG,
                        description="Train one U-Harmony model on one or more MSD-style datalists (dataset.json); "
@@ -389,6 +392,9 @@ def _dispatch(args, reporter: Reporter) -> int:
                     raise BadInputError(str(e)) from None
             q = args.quick
             gin_options = parse_gin_options(args.gin_option)
+            from uharmony.device import choose_device
+
+            device = choose_device(args.device).type
             return run_bench_fed(work=args.work, seeds=tuple(args.seeds), quick=q, json_path=args.json,
                                  rounds=_at_least_one(args.rounds, "--rounds") or (2 if q else ROUNDS),
                                  site_batch=_at_least_one(args.site_batch, "--site-batch") or SITE_BATCH,
@@ -397,7 +403,7 @@ def _dispatch(args, reporter: Reporter) -> int:
                                  train_cases=args.cases or (2 if q else 12), val_cases=1 if q else 3,
                                  central_json=args.central_json, workers=_workers(args.workers),
                                  arms=("central", "federated") if args.arm == "both" else (args.arm,),
-                                 gin=GIN_SETTINGS[args.gin], gin_options=gin_options,
+                                 gin=GIN_SETTINGS[args.gin], gin_options=gin_options, device=device,
                                  flower_rounds=(1 if q else 2) if args.flower_rounds is None else args.flower_rounds)
         if args.bench_command == "gate":
             from uharmony.bench.gate import run_bench_gate

@@ -119,6 +119,11 @@ def test_bench_fed_jobs_one_per_arm_seed_and_gin_setting(tmp_path):
                     parts=tmp_path / "parts", central_batch=1)
     for j in jobs:  # the parent's centralized batch reaches every job; at 1 a centralized job weighs a federated one
         assert j.args[j.args.index("--central-batch") + 1] == "1" and j.cost == 2.0
+    # the parent's device reaches every job (cpu unless told)
+    assert {j.args[j.args.index("--device") + 1] for j in jobs} == {"cpu"}
+    jobs = arm_jobs(tmp_path, todo[:2], steps=500, rounds=12, site_batch=1, train_cases=12, quick=False,
+                    parts=tmp_path / "parts", device="cuda")
+    assert [j.args[j.args.index("--device") + 1] for j in jobs] == ["cuda", "cuda"]
 
 
 def test_bench_fed_central_config_keeps_the_patches_at_another_batch():
@@ -143,6 +148,20 @@ def test_bench_fed_refuses_negative_workers(tmp_path):
                           str(tmp_path / "work")], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == ExitCode.USAGE and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "--workers" in bad.stderr and not (tmp_path / "work").exists()
+
+
+def test_bench_fed_refuses_a_device_this_machine_lacks(tmp_path):
+    from uharmony.device import detect
+
+    found = detect()
+    absent = "cuda" if not found["cuda"] else "mps" if not found["mps"] else None
+    if absent is None:
+        pytest.skip("this machine has both CUDA and MPS")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    bad = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--quick", "--device", absent, "--work",
+                          str(tmp_path / "work")], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == ExitCode.USAGE and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert f"--device {absent} was asked for" in bad.stderr and not (tmp_path / "work").exists()
     for flag in ("--site-batch", "--rounds", "--central-batch"):
         bad = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--quick", flag, "0", "--work",
                               str(tmp_path / "work")], capture_output=True, text=True, timeout=120, env=env)

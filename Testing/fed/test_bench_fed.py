@@ -128,6 +128,11 @@ def test_json_scores_ratios_and_budget(bench):
     assert abs(p["patches_per_domain_fed"] - p["patches_per_domain_central"]) <= p["rounds"] / 2
     fed = json.loads((bench["root"] / "work" / "fed" / "seed0" / "federated" / "fed.json").read_text())
     assert fed["train"]["batch_size"] == 1 and fed["train"]["local_steps"] == p["local_steps"]
+    # the device (cpu unless --device) is recorded and is the one the in-process sites trained on
+    assert r["config"]["device"] == "cpu"
+    for d in SITES:
+        site = json.loads((bench["root"] / "work" / "fed" / "seed0" / "federated" / f"site-{d}.json").read_text())
+        assert site["device"] == r["config"]["device"]
 
 
 def test_each_arm_ran_as_its_own_job_and_the_parts_were_merged(bench):

@@ -134,7 +134,8 @@ def encoder_ready(settings: dict, log) -> None:
 
 
 def arm_jobs(root: Path, todo, *, steps: int, rounds: int, site_batch: int, train_cases: int, quick: bool,
-             parts: Path, gin_options: dict | None = None, central_batch: int | None = None) -> list:
+             parts: Path, gin_options: dict | None = None, central_batch: int | None = None,
+             device: str = "cpu") -> list:
     """One `uharmony bench fed --arm ARM --seeds S --gin on|off` command per (arm, seed, GIN setting), each
     writing parts/<name>.json (no real Flower run: the caller runs it once, alone, for its timings)."""
     from uharmony.bench.workers import Job
@@ -145,7 +146,7 @@ def arm_jobs(root: Path, todo, *, steps: int, rounds: int, site_batch: int, trai
         args = ["bench", "fed", "--work", str(root), "--seeds", str(seed), "--steps", str(steps), "--rounds",
                 str(rounds), "--site-batch", str(site_batch), "--cases", str(train_cases), "--arm", arm,
                 "--gin", "on" if gin else "off", "--flower-rounds", "0", "--workers", "1",
-                "--json", str(parts / f"{name}.json")]
+                "--json", str(parts / f"{name}.json"), "--device", device]
         args += G.gin_option_args(gin_options)
         if central_batch is not None:
             args += ["--central-batch", str(central_batch)]
@@ -199,8 +200,10 @@ class _TaskIdentity:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = self.saved
 
 
-def run_federation_inprocess(cfg_dict: dict, datalists: dict[str, Path], folder: Path, log=None) -> dict:
-    """One federated training with the real ServerApp strategy and ClientApp, in this process.
+def run_federation_inprocess(cfg_dict: dict, datalists: dict[str, Path], folder: Path, log=None,
+                             device: str = "cpu") -> dict:
+    """One federated training with the real ServerApp strategy and ClientApp, in this process; the sites train
+    on ``device``.
 
     Returns {"out": package folder, "rounds": [...], "bytes": [...], "seconds": {...}}.
     """
@@ -231,7 +234,7 @@ def run_federation_inprocess(cfg_dict: dict, datalists: dict[str, Path], folder:
         p = folder / f"site-{domain}.json"
         events = folder / f"site-{domain}.events.jsonl"
         events.unlink(missing_ok=True)
-        p.write_text(json.dumps({"data": str(datalists[domain]), "device": "cpu", "events": str(events)}))
+        p.write_text(json.dumps({"data": str(datalists[domain]), "device": device, "events": str(events)}))
         settings_paths[node] = p
     model = initial_model(s)
     strategy = UHarmonyStrategy(s, model)
@@ -342,7 +345,8 @@ class _Procs:
                 p.wait()
 
 
-def run_flower(cfg_dict: dict, datalists: dict[str, Path], folder: Path, *, timeout: float, log=None) -> dict:
+def run_flower(cfg_dict: dict, datalists: dict[str, Path], folder: Path, *, timeout: float, log=None,
+               device: str = "cpu") -> dict:
     """A short real federation (SuperLink + 3 SuperNodes, TLS + keys, 127.0.0.1): its round log and site timings."""
     import re
 
@@ -378,7 +382,7 @@ def run_flower(cfg_dict: dict, datalists: dict[str, Path], folder: Path, *, time
                 raise RuntimeError(f"fed register {d}: {done.stderr[-500:]}")
         for d in SITES:
             procs.start(f"site-{d}", ["fed", "join", "--server", f"127.0.0.1:{port}", "--data", str(datalists[d]),
-                                      "--ca", str(keys / "ca.crt"), "--key", str(site_keys[d]), "--device", "cpu",
+                                      "--ca", str(keys / "ca.crt"), "--key", str(site_keys[d]), "--device", device,
                                       "--progress", "jsonl"])
         if log:
             log(f"  real Flower run: SuperLink on 127.0.0.1:{port}, 3 SuperNodes, {cfg['rounds']} round(s)")
@@ -533,8 +537,9 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
                   train_cases: int = 12, val_cases: int = 3, quick: bool = False, json_path: str | None = None,
                   central_json: str | None = None, flower_rounds: int = 2, flower_timeout: float = 600.0,
                   workers: int = 1, arms=("central", "federated"), gin=(False, True),
-                  gin_options: dict | None = None) -> int:
+                  gin_options: dict | None = None, device: str = "cpu") -> int:
     """Both arms for every seed and GIN setting in `gin`, then (with `flower_rounds`) one real Flower run.
+    ``device``: where both arms train (the sites too) and every model is scored, as for generalize.
     ``workers`` > 1: each (arm, seed, GIN setting) in its own single-threaded process, that many at a time
     (`arm_jobs`); ``arms`` = one arm only is what such a job runs."""
     from uharmony.data.datalist import union_label_space
@@ -552,7 +557,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
 
     root = Path(work) if work else cache_root().parent / "bench-generalize"
     root.mkdir(parents=True, exist_ok=True)
-    base = G.budget(steps, quick)
+    base = G.budget(steps, quick, device=device)
     data = G.make_data(root, train=train_cases, val=val_cases, spacing=base["spacing_mm"][0])
     datalists = {d: data[d] for d in SITES}
     union, _ = union_label_space(load_datasets([str(datalists[d]) for d in SITES]))
@@ -579,7 +584,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
     def evaluator(model):
         nonlocal evaluate_with
         if evaluate_with is None:
-            evaluate_with = G._evaluator(data, base["spacing_mm"], model.gate.downsample)
+            evaluate_with = G._evaluator(data, base["spacing_mm"], model.gate.downsample, device)
         return evaluate_with
 
     def save(partial: bool) -> dict:
@@ -632,7 +637,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
         parts = root / "fed" / "parts"
         jobs = arm_jobs(root, todo, steps=steps, rounds=rounds, site_batch=site_batch, train_cases=train_cases,
                         quick=quick, parts=parts, gin_options=gin_options,
-                        central_batch=None if central_batch == base["batch_size"] else central_batch)
+                        central_batch=None if central_batch == base["batch_size"] else central_batch, device=device)
         for job in jobs:
             (parts / f"{job.name}.json").unlink(missing_ok=True)  # a file left by an earlier run is not this run's
         log(f"{len(jobs)} single-threaded jobs, {workers} at a time (logs in {parts})")
@@ -667,7 +672,7 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
         log(f"seed {seed} federated{tag}: {rounds} rounds x {local} local steps at {len(SITES)} sites (in-process)")
         cfg = fed_config(base, classes=classes, rounds=rounds, local=local, seed=seed, gin=g, pretrain=pretrain,
                          gin_options=gin_options, site_batch=site_batch)
-        run = run_federation_inprocess(cfg, datalists, folder, log=log)
+        run = run_federation_inprocess(cfg, datalists, folder, log=log, device=device)
         model, _ = load_model(run["out"])
         expected = {d: site_array_bytes(model, d) for d in SITES}
         extra["fed_runs"][f"seed{seed}{tag}"] = {"bytes": run["bytes"], "expected_up_array_bytes": expected,
@@ -688,7 +693,8 @@ def run_bench_fed(*, work: str | None = None, seeds=(0, 1, 2), rounds: int = ROU
         log(f"real Flower run: {flower_rounds} round(s) x {local} local steps, 3 sites, TLS + keys on 127.0.0.1")
         cfg = fed_config(base, classes=classes, rounds=flower_rounds, local=local, seed=seeds[0], gin=True,
                          pretrain=pretrain, gin_options=gin_options, site_batch=site_batch)
-        extra["flower"] = run_flower(cfg, datalists, root / "fed" / "flower-run", timeout=flower_timeout, log=log)
+        extra["flower"] = run_flower(cfg, datalists, root / "fed" / "flower-run", timeout=flower_timeout, log=log,
+                                     device=device)
         if not extra["flower"]["ok"]:
             log(f"the real Flower run failed: {extra['flower'].get('error', '')[:400]}")
     doc = save(partial=False)
@@ -781,7 +787,9 @@ def format_report(doc: dict) -> str:
     doms = [*SITES, UNSEEN, G.NEW_ORDERS]
     unseen = {UNSEEN: " (unseen)", G.NEW_ORDERS: f" (unseen, mean of {len(NOVEL)})"}
     lines = [(f"Dice (mean of CSF, GM, WM; mean ± sd over seeds {', '.join(map(str, doc['seeds']))}), "
-             f"{'QUICK smoke run, not meaningful; ' if doc.get('quick') else ''}{doc['minutes']:.1f} min in all"),
+             f"{'QUICK smoke run, not meaningful; ' if doc.get('quick') else ''}"
+             f"{'' if doc['config'].get('device', 'cpu') == 'cpu' else 'on ' + doc['config']['device'] + '; '}"
+             f"{doc['minutes']:.1f} min in all"),
              (f"centralized: {plan['central_steps']} steps x {patches(central_batch)} "
               f"({doc['central_source']}); "
              f"federated (in-process: real ServerApp strategy + ClientApp, no transport): {plan['sites']} sites x "
