@@ -176,3 +176,24 @@ def test_the_device_reaches_every_run_and_the_table_names_a_gpu():
     title = lambda **kw: format_table({}, seeds=[0], steps=15000, quick=False, minutes=42.0, **kw).splitlines()[0]  # noqa: E731
     assert title(device="cuda").endswith("15000 steps per model on cuda; 42.0 min in all")
     assert title().endswith("15000 steps per model; 42.0 min in all")  # the CPU tables read as before
+
+
+def test_a_quick_run_on_a_gpu_trains_and_scores_there(tmp_path):
+    """Runs only where CUDA or MPS is present (never in CI): the GPU path of `--device`, end to end."""
+    import pytest
+
+    from uharmony.device import detect
+
+    found = detect()
+    if found["auto"] == "cpu":
+        pytest.skip("no GPU here (CUDA or MPS)")
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "UHARMONY_DATA": str(tmp_path / "cache/sources")}
+    r = subprocess.run([sys.executable, "-m", "uharmony", "bench", "generalize", "--quick", "--seeds", "0", "--steps",
+                        "3", "--cases", "2", "--methods", "uharmony", "--gin", "off", "--no-adapt", "--workers", "1",
+                        "--device", found["auto"], "--work", str(tmp_path / "work"), "--json", str(out)],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["config"]["device"] == found["auto"] and f"on {found['auto']};" in r.stdout
+    assert all(0 <= res["runs"]["uharmony"]["0"][d]["score"] <= 1 for d in ("mri-t1", "mri-t2", "ct"))

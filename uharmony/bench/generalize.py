@@ -117,6 +117,7 @@ def _evaluator(data: dict[str, Path], spacing, gate_view, device: str = "cpu"):
 
     def run(model, mode: str, patch, only=None) -> dict[str, dict]:
         sets = {d: v for d, v in by_dom.items() if only is None or d in only}
+        model = model.to(torch.device(device))  # packages load on the CPU; `evaluate` runs where the model is
         res = evaluate(model, sets, union, mode=mode, patch=patch, device=torch.device(device), overlap=EVAL_OVERLAP)
         return {d: {"score": _score(res["dice"][d]), "dice": res["dice"][d], "gate": res["gate_accuracy"][d]}
                 for d in res["dice"]}
