@@ -148,6 +148,11 @@ def test_bench_fed_refuses_negative_workers(tmp_path):
                           str(tmp_path / "work")], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == ExitCode.USAGE and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "--workers" in bad.stderr and not (tmp_path / "work").exists()
+    for flag in ("--site-batch", "--rounds", "--central-batch"):
+        bad = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--quick", flag, "0", "--work",
+                              str(tmp_path / "work")], capture_output=True, text=True, timeout=120, env=env)
+        assert bad.returncode == ExitCode.USAGE and bad.stderr.strip() == f"uharmony: error: {flag} must be >= 1"
+        assert not (tmp_path / "work").exists()
 
 
 def test_bench_fed_refuses_a_device_this_machine_lacks(tmp_path):
@@ -162,8 +167,3 @@ def test_bench_fed_refuses_a_device_this_machine_lacks(tmp_path):
                           str(tmp_path / "work")], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == ExitCode.USAGE and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert f"--device {absent} was asked for" in bad.stderr and not (tmp_path / "work").exists()
-    for flag in ("--site-batch", "--rounds", "--central-batch"):
-        bad = subprocess.run([sys.executable, "-m", "uharmony", "bench", "fed", "--quick", flag, "0", "--work",
-                              str(tmp_path / "work")], capture_output=True, text=True, timeout=120, env=env)
-        assert bad.returncode == ExitCode.USAGE and bad.stderr.strip() == f"uharmony: error: {flag} must be >= 1"
-        assert not (tmp_path / "work").exists()
