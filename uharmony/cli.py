@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from uharmony import __version__
+from uharmony.device import DEVICE_CHOICES
 from uharmony.errors import EXIT_CODE_HELP, BadInputError, ExitCode, UHarmonyError
 from uharmony.progress import MODES, Reporter
 from uharmony.train.config import GATE_METHODS, GateConfig, parse_gin_options
@@ -26,7 +27,7 @@ def _add_training_run(p: argparse.ArgumentParser) -> None:
     """Options every training command shares: resume, overwrite, device, progress."""
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoint/")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and a stale checkpoint) if it exists")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"), help="overrides the config's device")
+    p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help="overrides the config's device")
     _add_progress(p)
 
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="label map file (.nii.gz, .nrrd, .mha); with --batch, a folder")
     p.add_argument("--batch", action="store_true", help="segment every scan in the INPUT folder; go on past bad files")
     p.add_argument("--model", default=None, help="model folder or name (default: the bundled model)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--domain", default="auto", help="'auto' lets the domain gate decide, or a domain name of the model")
     p.add_argument("--report", default=None, help="write the JSON report here (with --batch: one per scan, always)")
     p.add_argument("--preview", default=None, help="write a PNG with three slices and the overlay here")
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", default="real", choices=("real", "synthetic"),
                    help="real: the ITK example whole-head T1 (fetched once from Debian's package index); "
                         "synthetic: a phantom with true labels")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     _add_progress(p)
 
     p = sub.add_parser("bench", help="benchmarks (results go into docs/benchmarks.md by hand)")
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser("segment", help="time each stage against MONAI's reference pipeline on a ~200^3 volume")
     q.add_argument("--size", type=int, default=200, help="edge of the synthetic test volume in 1 mm voxels")
     q.add_argument("--repeats", type=int, default=3)
-    q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    q.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     q.add_argument("--model", default=None)
     q.add_argument("--json", default=None, help="also write the figures as JSON here")
     q = bsub.add_parser("gate", help="gate accuracy and unfamiliar-input flag on fresh synthetic samples")
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser("real", help="the model on real held-out images (MNI152 2009a, ITK KmeansTest): Dice, pictures")
     q.add_argument("--model", default=None)
     q.add_argument("--out", default="docs/images", help="folder for the pictures")
-    q.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
+    q.add_argument("--device", default="cpu", choices=DEVICE_CHOICES)
     q.add_argument("--json", default=None)
     q = bsub.add_parser("generalize", help="U-Harmony vs joint/separate/oracle, with and without GIN, on atlas-based "
                                            "domains and an unseen style; adaptation with 4 cases (~36 min on 2 cores)")
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gin-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an `augment` setting for every run with GIN on, adaptation included, the value in JSON "
                         "(repeatable): ipa=true, gin_p=0.25, gin_kernel_sizes=[1]; recorded in --json and the table")
-    q.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"),
+    q.add_argument("--device", default="cpu", choices=DEVICE_CHOICES,
                    help="where every model trains and is scored (default cpu: figures that repeat to the digit; a "
                         "GPU fits budgets of 10000+ steps, where GIN starts to pay, into the hour); recorded in --json")
     q.add_argument("--workers", type=int, default=0,
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gin-option", action="append", default=[], metavar="KEY=VALUE",
                    help="as for generalize: a GIN/IPA setting for every run with GIN on, both arms (fed.toml's train "
                         "section has the same keys), e.g. gin_kernel_sizes=[1]")
-    q.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"),
+    q.add_argument("--device", default="cpu", choices=DEVICE_CHOICES,
                    help="as for generalize: where both arms (the sites too) train and every model is scored "
                         "(default cpu); recorded in --json")
 
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fraction (e.g. 0.15), so the gate copes with tight and loose fields of view (default 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default=None, choices=DEVICE_CHOICES)
     _add_progress(p)
 
     from uharmony.fed.cli import add_fed_parser

@@ -302,3 +302,14 @@ def test_demo_segments_the_real_sample_with_the_default_model(tmp_path):
     # the brain is found inside the reference brain mask: white matter agrees well with k-means
     assert figures[2] > 0.6
     assert nib.load(src).get_fdata().sum() == image.get_fdata().sum()  # input untouched
+
+
+def test_the_command_line_starts_without_loading_torch():
+    """`uharmony --help` and the option parsing stay fast: the device choices come from uharmony.device, whose
+    functions import torch only when they run."""
+    code = ("import sys, uharmony.cli, uharmony.fed.cli; from uharmony.device import DEVICE_CHOICES; "
+            "uharmony.cli.build_parser(); print('torch' in sys.modules, DEVICE_CHOICES)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False ('auto', 'cpu', 'cuda', 'mps')"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from uharmony.device import DEVICE_CHOICES
 from uharmony.progress import MODES
 
 
@@ -36,7 +37,7 @@ def add_fed_parser(sub, epilog: str) -> None:
     q.add_argument("--ca", default=None, help="the coordinator's CA certificate (ca.crt)")
     q.add_argument("--key", default=None, help="this site's private key (from `uharmony fed keys site`)")
     q.add_argument("--insecure", action="store_true", help="no TLS and no key: only when every end is on loopback")
-    q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    q.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     q.add_argument("--progress", choices=MODES, default="auto")
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from uharmony.device import DEVICE_CHOICES
 from uharmony.errors import ExitCode, UHarmonyError
 
 METHODS = ("uharmony", "joint", "separate", "oracle")
@@ -219,7 +220,7 @@ def _validate(c: TrainConfig, where) -> None:
     need(c.val_every >= 0, "val_every", "must be >= 0")
     need(c.val_cases >= 1, "val_cases", "must be >= 1")
     need(c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
-    need(c.device in ("auto", "cpu", "cuda", "mps"), "device", "must be auto, cpu, cuda or mps")
+    need(c.device in DEVICE_CHOICES, "device", "must be auto, cpu, cuda or mps")
     validate_augment(c.augment.gin_p, c.augment.gin_kernel_sizes, c.augment.ipa_weight, "augment.", need)
     validate_network(c.model, c.gate, c.patch_size, "patch_size", need)
     need(c.gate.batch_size >= 1, "gate.batch_size", "must be >= 1")
